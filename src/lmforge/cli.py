@@ -8,6 +8,7 @@ inside `_verbs()` so that `lmforge --help` stays fast and one verb's heavy impor
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -20,9 +21,17 @@ def _verbs() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a verb. Bad input (our errors are ValueError / OSError subclasses) ends with a one-line message
+    and exit status 2 instead of a traceback; set LMFORGE_DEBUG=1 to see the traceback."""
     from jsonargparse import CLI
 
-    CLI(_verbs(), args=argv if argv is not None else sys.argv[1:], as_positional=True)
+    try:
+        CLI(_verbs(), args=argv if argv is not None else sys.argv[1:], as_positional=True)
+    except (ValueError, OSError) as e:
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
