@@ -1,0 +1,112 @@
+"""Parallelism, applied from outside the model, in one place and a fixed order (STYLE.md item 11).
+
+    activation checkpointing  ->  torch.compile per block  ->  FSDP2 per block, then the root   (or DDP)
+
+The model code stays single-device: this file wraps its blocks. Launch several processes with torchrun (one
+per GPU, or CPU processes with gloo); `init_distributed()` reads torchrun's environment.
+
+    torchrun --nproc_per_node 8 -m lmforge.cli pretrain --config configs/llama2-7b.yaml --parallel.mode fsdp
+
+FSDP2 (`fully_shard`) shards every parameter, gradient and optimizer state over the ranks; with the mixed
+precision policy below, parameters are all-gathered in bf16 for compute while gradients are reduced in fp32
+and the optimizer keeps fp32 master weights. DDP keeps a full replica per rank and all-reduces gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from lmforge.models.transformer import Transformer
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes and made fast.
+
+    Attributes:
+        mode: "auto" is FSDP2 when several processes run and nothing otherwise; "fsdp" (FSDP2 fully_shard),
+            "ddp" (replicated, all-reduce) or "none" force one.
+        param_dtype: Dtype parameters are gathered in for compute under FSDP2 ("auto": bf16 on CUDA, fp32
+            on the CPU). Gradient reduction and optimizer state stay fp32.
+        activation_checkpointing: "none"; "full" recomputes every block in the backward pass; "selective"
+            recomputes every other block (half the memory saving for a quarter of the extra compute).
+        compile: torch.compile each transformer block (and the loss chunk) before sharding.
+    """
+
+    mode: Literal["auto", "fsdp", "ddp", "none"] = "auto"
+    param_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR...); (rank, world size).
+
+    Backend: NCCL for CUDA, gloo for the CPU. A single process without torchrun stays un-initialised.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -> nn.Module:
+    """Apply activation checkpointing, compile and data parallelism to `model` in place; returns the module
+    to call (the model itself, or its DDP wrapper)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    mode = cfg.mode if cfg.mode != "auto" else ("fsdp" if world_size > 1 else "none")
+    if mode != "none" and world_size == 1 and not dist.is_initialized():
+        raise ValueError(f"parallel.mode={mode!r} needs a process group: launch with torchrun")
+
+    blocks: nn.ModuleList = model.layers
+    for i, block in enumerate(blocks):
+        if cfg.activation_checkpointing == "full" or (cfg.activation_checkpointing == "selective" and i % 2 == 0):
+            # checkpoint_wrapper keeps parameter and state-dict names unchanged (no wrapper prefix), so
+            # checkpoints stay loadable by the plain model.
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+            blocks[i] = block
+        if cfg.compile:
+            block.compile(fullgraph=model.config.moe is None)  # in place: names stay unchanged too
+
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        param_dtype = _param_dtype(cfg.param_dtype, device)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for i, block in enumerate(blocks):
+            # NOTE: the last block is not resharded after forward: backward needs it first, so re-gathering
+            # it at once would only add communication.
+            fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(model, mp_policy=mp)
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(module: nn.Module) -> Transformer:
+    """The Transformer inside a DDP wrapper (FSDP2 modifies the model in place and needs no unwrapping)."""
+    return module.module if hasattr(module, "module") and isinstance(module.module, Transformer) else module
+
+
+def _param_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
