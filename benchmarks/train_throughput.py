@@ -27,6 +27,7 @@ import torch
 
 from lmforge import ModelConfig, Transformer
 from lmforge.models.config import MoEConfig
+from lmforge.train.linear_ce import linear_cross_entropy
 from lmforge.train.losses import chunked_cross_entropy
 from lmforge.train.parallel import ParallelConfig, parallelize
 
@@ -100,7 +101,7 @@ def time_steps(step, n_warmup: int, n_steps: int, device: str) -> float:
     return (time.perf_counter() - t0) / n_steps
 
 
-def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int) -> dict:
+def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int, profile: bool = False) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -116,12 +117,18 @@ def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int) 
     try:
         with torch.device(device):
             if system.startswith("lmforge"):
+                # lmforge-compiled: per-block compile (parallelize) + fused linear cross-entropy;
+                # "-refce": the reference chunked cross-entropy instead; "-whole": torch.compile of the whole model.
                 model = Transformer(cfg)
-                net = parallelize(model, ParallelConfig(mode="none", compile=system == "lmforge-compiled"), torch.device(device))
+                per_block = system.startswith("lmforge-compiled") and "-whole" not in system
+                net = parallelize(model, ParallelConfig(mode="none", compile=per_block), torch.device(device))
+                if "-whole" in system:
+                    net = torch.compile(model)
+                ce = chunked_cross_entropy if "-refce" in system else linear_cross_entropy
 
                 def loss_fn():
                     hidden, aux = net(x, return_hidden=True, return_aux=True)
-                    return chunked_cross_entropy(hidden, model.output.weight, y, mask, 4096) / mask.sum() + aux.total
+                    return ce(hidden, model.output.weight, y, mask, 4096) / mask.sum() + aux.total
             else:
                 model = hf_model(cfg, "sdpa")
                 net = torch.compile(model) if system == "hf-compiled" else model
@@ -142,6 +149,8 @@ def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int) 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    if profile:
+        _profile(step, case, system)
     try:
         dt = time_steps(step, n_warmup, n_steps, device)
     except torch.OutOfMemoryError:
@@ -156,6 +165,20 @@ def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int) 
             "peak_gib": peak_gib, "us_per_token": 1e6 / tok_s}
 
 
+def _profile(step, case: Case, system: str) -> None:
+    """Print the kernels that take the most device time over three steps (after two warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"--- profile {case.name} {system} (3 steps) ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="a,b,c", help="comma-separated subset of a, b, c")
@@ -163,6 +186,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test)")
+    ap.add_argument("--profile", action="store_true", help="print a kernel profile of each lmforge system")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     systems = args.systems.split(",")
@@ -173,7 +197,7 @@ def main() -> None:
         for system in systems:
             if case.name.startswith(("b", "c")) and system == "hf-compiled":
                 continue  # transformers' compiled path is measured on (a), the anchor case
-            row = run_case(case, system, device, args.warmup, args.steps)
+            row = run_case(case, system, device, args.warmup, args.steps, args.profile and system.startswith("lmforge"))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'case':28s} {'system':18s} {'tok/s':>10s} {'MFU':>7s} {'us/tok':>8s} {'peak GiB':>9s}")
