@@ -1,0 +1,224 @@
+"""`lmforge generate` and `lmforge chat`: text in, text out, through `lmforge.infer.generate`.
+
+    lmforge generate runs/my-model --prompts "Once upon a time" --sampling.temperature 0
+    lmforge generate runs/my-model --prompt_file prompts.jsonl --format jsonl --output out.jsonl
+    lmforge chat runs/my-model --system "Answer in French."
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmforge.infer.decode_step import DecodeMode
+from lmforge.infer.generate import GenerationError, generate_stream
+from lmforge.infer.sampling import SamplingParams
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype | None):
+    from lmforge.models.checkpoint import load_model
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    model = Path(model)
+    tok_path = Path(tokenizer) if tokenizer is not None else model / "tokenizer.model"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"no tokenizer: {tok_path} does not exist (pass --tokenizer PATH/tokenizer.model)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
+    tok = Tokenizer(tok_path)
+    if tok.vocab_size > net.config.vocab_size:
+        raise GenerationError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, the model only {net.config.vocab_size}")
+    return net, tok
+
+
+def _read_prompts(prompts: list[str] | str | None, prompt_file: Path | None) -> list[str | list[dict]]:
+    """Prompts from --prompts and --prompt_file: a .jsonl file holds one JSON string, {"prompt": str} or
+    {"messages": [...]} (a chat dialogue) per line; any other file one prompt per non-empty line."""
+    out: list[str | list[dict]] = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if path.suffix != ".jsonl":
+            out += [line for line in lines if line.strip()]
+        for n, line in enumerate(lines, 1) if path.suffix == ".jsonl" else ():
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GenerationError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if isinstance(item, dict) and ("prompt" in item or "messages" in item):
+                item = item.get("prompt", item.get("messages"))
+            if not isinstance(item, (str, list)):
+                raise GenerationError(f'{path}:{n}: expected a string, {{"prompt": str}} or {{"messages": [...]}}')
+            out.append(item)
+    if not out:
+        raise GenerationError("no prompts: pass --prompts TEXT (repeat with --prompts+ TEXT) or --prompt_file FILE")
+    return out
+
+
+def generate_cli(
+    model: Path,
+    prompts: list[str] | str | None = None,
+    prompt_file: Path | None = None,
+    tokenizer: Path | None = None,
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=128),
+    chat: bool = False,
+    system: str | None = None,
+    format: Literal["text", "jsonl"] = "text",
+    output: Path | None = None,
+    batch_size: int = 8,
+    prefill_chunk: int | None = None,
+    decode_mode: DecodeMode = "eager",
+    device: str | None = None,
+    dtype: Dtype | None = None,
+) -> None:
+    """Generate continuations of text prompts with a model folder (ours, Hugging Face or Meta).
+
+    Args:
+        model: model folder; its tokenizer.model is used unless --tokenizer is given.
+        prompts: one prompt, or several (a JSON list, or --prompts+ TEXT repeated).
+        prompt_file: more prompts: a .jsonl file (a JSON string, {"prompt": ...} or {"messages": [...]} per
+            line) or a text file (one prompt per non-empty line).
+        tokenizer: a SentencePiece tokenizer.model.
+        sampling: sampling parameters (--sampling.temperature 0 for greedy, --sampling.stop+ "###", ...).
+        chat: wrap each text prompt as a user message in Llama 2's chat format.
+        system: system message for --chat prompts.
+        format: "text" (the completions, streamed when there is one prompt) or "jsonl" (one JSON object per
+            prompt: index, prompt, text, token_ids, finish_reason, and logprobs when asked).
+        output: write to this file (atomically) instead of standard output.
+        batch_size: prompts generated together.
+        prefill_chunk: pre-fill chunk size (default: the window of a sliding-window model, else the prompt).
+        decode_mode: eager, compile, cuda_graph or compile+cuda_graph (the graph modes need CUDA).
+        device: cuda or cpu (default: cuda when available).
+        dtype: cast the weights (default: as stored).
+    """
+    from lmforge.io import atomic_file
+
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+    items = _read_prompts(prompts, prompt_file)
+    net, tok = _load(model, tokenizer, device, dtype)
+    ids = [_encode(tok, item, chat, system) for item in items]
+    stream_text = format == "text" and output is None and len(items) == 1
+
+    def records():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            results = [dict(text="", token_ids=[], logprobs=[] if sampling.logprobs else None) for _ in batch]
+            kwargs = dict(prefill_chunk=prefill_chunk, decode_mode=decode_mode)
+            for e in generate_stream(net, tok, batch, sampling, **kwargs):
+                r = results[e.index]
+                r["text"] += e.text
+                r["token_ids"].append(e.token_id)
+                if r["logprobs"] is not None:
+                    r["logprobs"].append(e.logprob)
+                if e.finish_reason:
+                    r["finish_reason"] = e.finish_reason
+                if stream_text:
+                    sys.stdout.write(e.text)
+                    sys.stdout.flush()
+            for i, r in enumerate(results):
+                yield {"index": start + i, "prompt": items[start + i], **r}
+
+    def write(f):
+        for rec in records():
+            if format == "jsonl":
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            elif stream_text:
+                f.write("\n")
+            else:
+                f.write(("\n" if rec["index"] else "") + rec["text"] + "\n")
+
+    if output is None:
+        write(sys.stdout)
+    else:
+        with atomic_file(output, "w") as f:
+            write(f)
+
+
+def _encode(tok, item: str | list[dict], chat: bool, system: str | None) -> list[int]:
+    from lmforge.tokenizer.chat import encode_chat
+
+    if isinstance(item, list):  # a dialogue from a .jsonl file
+        messages = ([{"role": "system", "content": system}] if system else []) + item
+        return encode_chat(tok, messages, add_generation_prompt=True).ids
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": item}]
+        return encode_chat(tok, messages, add_generation_prompt=True).ids
+    return tok.encode(item, bos=True)
+
+
+def chat(
+    model: Path,
+    tokenizer: Path | None = None,
+    system: str | None = None,
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=512),
+    decode_mode: DecodeMode = "eager",
+    device: str | None = None,
+    dtype: Dtype | None = None,
+) -> None:
+    """Chat with a model in the terminal, in Llama 2's chat format ([INST] ... [/INST]).
+
+    Reads one user message per line from standard input and streams each answer. Commands: /reset starts
+    a new dialogue, /exit (or end of input) quits. When the dialogue outgrows a full-attention model's
+    context, the oldest exchanges are dropped (the system message stays).
+
+    Args:
+        model: model folder; its tokenizer.model is used unless --tokenizer is given.
+        tokenizer: a SentencePiece tokenizer.model.
+        system: the system message of the dialogue.
+        sampling: sampling parameters of every answer.
+        decode_mode: eager, compile, cuda_graph or compile+cuda_graph (the graph modes need CUDA).
+        device: cuda or cpu (default: cuda when available).
+        dtype: cast the weights (default: as stored).
+    """
+    from lmforge.tokenizer.chat import encode_chat
+
+    net, tok = _load(model, tokenizer, device, dtype)
+    head = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    # NOTE: each turn re-encodes and pre-fills the whole dialogue (no cache kept between turns): Llama 2's
+    # format encodes each exchange on its own, and a pre-fill costs about one decode step per chunk.
+    limit = net.config.max_seq_len if net.config.sliding_window is None else None
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        user = line.strip()
+        if not user:
+            continue
+        if user == "/reset":
+            history = []
+            print("(new dialogue)", flush=True)
+            continue
+        history.append({"role": "user", "content": user})
+        ids = encode_chat(tok, head + history, add_generation_prompt=True).ids
+        while limit is not None and len(ids) >= limit and len(history) > 1:
+            history = history[2:]  # drop the oldest exchange
+            print("(dropped the oldest exchange to fit the context)", file=sys.stderr)
+            ids = encode_chat(tok, head + history, add_generation_prompt=True).ids
+        print("assistant> " if interactive else "", end="", flush=True)
+        answer = ""
+        try:
+            for e in generate_stream(net, tok, [ids], sampling, decode_mode=decode_mode):
+                answer += e.text
+                print(e.text, end="", flush=True)
+        except GenerationError as err:  # e.g. one message longer than the whole context
+            history.pop()
+            print(f"(error: {err})", flush=True)
+            continue
+        print(flush=True)
+        history.append({"role": "assistant", "content": answer})
+
+
+__all__ = ["chat", "generate_cli"]
