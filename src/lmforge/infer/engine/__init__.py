@@ -1,0 +1,19 @@
+"""The serving engine: paged KV cache, continuous batching with chunked pre-fill, preemption and abort.
+
+    sequence.py         request state (tokens still to compute)
+    block_manager.py    blocks, reference counts, block tables, prefix sharing, sliding-window freeing
+    scheduler.py        one token budget per step; admission, preemption by recompute, abort
+    paged_attention.py  the pool and attention over it for a packed batch (KVCache protocol)
+    runner.py           tensors for a step, the model call, batched sampling
+    llm.py              LLMEngine: add_request, step, stream, abort, counters, score, load_weights
+"""
+
+from lmforge.infer.engine.block_manager import BlockManager
+from lmforge.infer.engine.llm import EngineCounters, LLMEngine, RequestOutput
+from lmforge.infer.engine.scheduler import RefusalReason, RequestRefused, Scheduler, SchedulerConfig
+from lmforge.infer.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+__all__ = [
+    "BlockManager", "EngineCounters", "FinishReason", "LLMEngine", "RefusalReason", "RequestOutput",
+    "RequestRefused", "Scheduler", "SchedulerConfig", "Sequence", "SequenceStatus",
+]

@@ -1,0 +1,337 @@
+"""`LLMEngine`: the request API over scheduler, block manager and model runner (no HTTP in here).
+
+    engine = LLMEngine(model, num_blocks=..., block_size=16)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64))   # or RequestRefused
+    while engine.has_unfinished():
+        for out in engine.step(): ...                                         # RequestOutput per request
+    async for out in engine.stream(prompt_ids, params): ...                   # or one async stream each
+    engine.abort(rid); engine.counters; engine.score(seqs); engine.load_weights(new_model)
+
+One `step()`: schedule (which sequences compute how many tokens), run the model once on the packed batch,
+sample one token for every sequence whose chunk reached its end, then book-keep (advance computed tokens,
+append tokens, finish, free blocks). The engine works on token ids; detokenization and stop strings belong to
+the server above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Mapping, Sequence as Seq
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lmforge.infer.engine.block_manager import BlockManager
+from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
+from lmforge.infer.engine.runner import ModelRunner
+from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
+from lmforge.infer.engine.sequence import FinishReason, Sequence
+from lmforge.infer.sampling import SamplingParams
+from lmforge.models.transformer import Transformer
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (the tokens since its previous output)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class EngineCounters:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    preemptions: int = 0
+    computed_tokens: int = 0  # tokens run through the model (pre-fill, decode and recomputation)
+    generation_tokens: int = 0  # tokens sampled
+    prefix_cache_hit_blocks: int = 0
+    steps: int = 0
+    finished: int = 0
+    aborted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+
+class LLMEngine:
+    """Continuous-batching engine for one `Transformer` (any device / dtype; put it in eval mode).
+
+    Args:
+        block_size: tokens per KV block.
+        num_blocks: KV blocks in the pool; default: `kv_cache_fraction` of the free CUDA memory, or on the CPU
+            room for `max_num_seqs` sequences of min(max_seq_len, 2048) tokens.
+        max_num_batched_tokens, max_num_seqs, max_waiting, watermark_blocks: see `SchedulerConfig`; the
+            watermark defaults to 1% of the blocks (vLLM's default).
+        eos_id: end-of-sequence id (ends a request unless its `ignore_eos`).
+        attention: "padded" (batched SDPA) or "reference" (dense, explicit softmax).
+        check_invariants: assert the block manager's invariants after every schedule (tests).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_fraction: float = 0.8,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 128,
+        max_waiting: int = 1024,
+        watermark_blocks: int | None = None,
+        eos_id: int | None = None,
+        attention: PagedImpl = "padded",
+        check_invariants: bool = False,
+    ):
+        self.model, self.config, self.eos_id = model, model.config, eos_id
+        param = next(model.parameters())
+        if num_blocks is None:
+            per_block = PagedKVPool.bytes_per_block(self.config, block_size, param.dtype)
+            if param.device.type == "cuda":
+                num_blocks = int(torch.cuda.mem_get_info(param.device)[0] * kv_cache_fraction) // per_block
+            else:
+                num_blocks = max_num_seqs * -(-min(self.config.max_seq_len, 2048) // block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, self.config.sliding_window)
+        if watermark_blocks is None:
+            watermark_blocks = num_blocks // 100
+        sched = SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_waiting, watermark_blocks, check_invariants)
+        max_len = None if self.config.sliding_window is not None else self.config.max_seq_len
+        self.scheduler = Scheduler(sched, self.block_manager, max_len)
+        self.runner = ModelRunner(model, num_blocks, block_size, attention)
+        self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
+        self._counters = EngineCounters(kv_blocks_total=num_blocks)
+        self._queues: dict[str, deque[RequestOutput]] = {}  # outputs awaiting each stream's consumer
+        self._step_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    # --- requests ------------------------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; returns its id. ValueError for a bad request, `RequestRefused` when over capacity."""
+        sampling = sampling or SamplingParams()
+        ids = list(prompt_ids)
+        V = self.config.vocab_size
+        if not ids:
+            raise ValueError("prompt_ids is empty: it needs at least one token (e.g. the BOS id)")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {V})")
+        if self.config.sliding_window is None and len(ids) >= self.config.max_seq_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context is {self.config.max_seq_len} (prompt + output)"
+            )
+        if sampling.stop:
+            raise ValueError("stop strings need detokenization, which the server does: use stop_token_ids here")
+        if request_id is not None and request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(ids, sampling, request_id or "", arrival_time=time.monotonic())
+        try:
+            self.scheduler.add(seq)
+        except RequestRefused as refusal:
+            key = refusal.reason.value
+            self._counters.refused[key] = self._counters.refused.get(key, 0) + 1
+            raise
+        self.seqs[seq.request_id] = seq
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now, waiting or running; its blocks are freed at once. False if unknown / done."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        self._counters.aborted += 1
+        if request_id in self._queues:
+            self._queues[request_id].append(RequestOutput(request_id, [], len(seq.output_ids), True, "abort"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    # --- the step loop -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, book-keep; the outputs of every request that got a token."""
+        out, sampled, logits = self._forward()
+        if not out.chunks:
+            return []
+        if sampled:
+            result = self.runner.sample(sampled, logits)
+            tokens = result.tokens.tolist()  # the one host sync per step
+            logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+            top = (result.top_ids.tolist(), result.top_logprobs.tolist()) if result.top_ids is not None else None
+        else:
+            tokens, logprobs, top = [], None, None
+        return self._advance(out, sampled, tokens, logprobs, top)
+
+    def _forward(self) -> tuple[SchedulerOutput, list[Sequence], Tensor | None]:
+        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V))."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return out, [], None
+        logits = self.runner.forward(out.chunks)
+        return out, [c.seq for c in out.chunks if c.samples], logits
+
+    def _advance(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int], logprobs=None, top=None):
+        """Book-keep a computed step with the chosen `tokens` (K,) of the sampling sequences.
+
+        NOTE: split from `step()` so that tests can teacher-force tokens through the real engine.
+        """
+        c = self._counters
+        self.scheduler.step_done(out)
+        c.steps += 1
+        c.computed_tokens += out.num_tokens
+        c.generation_tokens += len(sampled)
+        outputs = []
+        for k, seq in enumerate(sampled):
+            p = seq.sampling
+            token = tokens[k]
+            seq.output_ids.append(token)
+            reason = None
+            if token in p.stop_token_ids or (token == self.eos_id and not p.ignore_eos):
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= p.max_new_tokens:
+                reason = FinishReason.LENGTH
+            elif self.config.sliding_window is None and seq.num_tokens >= self.config.max_seq_len:
+                reason = FinishReason.LENGTH
+            r = RequestOutput(seq.request_id, [token], len(seq.output_ids), reason is not None,
+                              reason.value if reason else None)
+            if p.logprobs and logprobs is not None:
+                r.new_logprobs = [logprobs[k]]
+                seq.output_logprobs.append(logprobs[k])
+            if p.top_logprobs and top is not None:
+                r.new_top_logprobs = [list(zip(top[0][k], top[1][k]))[: p.top_logprobs]]
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.seqs.pop(seq.request_id, None)
+                c.finished += 1
+            if seq.request_id in self._queues:
+                self._queues[seq.request_id].append(r)
+            outputs.append(r)
+        return outputs
+
+    def generate(
+        self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[list[int]]:
+        """Run prompts to completion; the output token ids of each, in prompt order."""
+        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while any(i in self.seqs for i in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]
+
+    async def stream(
+        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs as they come. Concurrent streams share the steps: whichever
+        stream finds its queue empty runs the next step (under a lock) for everyone. Leaving the loop early
+        (a client went away) aborts the request."""
+        rid = self.add_request(prompt_ids, sampling, request_id)
+        queue = self._queues[rid] = deque()
+        loop = asyncio.get_running_loop()
+        if self._step_lock is None or self._step_lock[0] is not loop:  # NOTE: an asyncio.Lock serves one loop
+            self._step_lock = (loop, asyncio.Lock())
+        done = False
+        try:
+            while not done:
+                while queue and not done:
+                    out = queue.popleft()
+                    done = out.finished
+                    yield out
+                if not done:
+                    async with self._step_lock[1]:
+                        if not queue:
+                            self.step()
+                    await asyncio.sleep(0)  # let the other streams consume what this step produced
+        finally:
+            if not done:
+                self.abort(rid)
+            self._queues.pop(rid, None)
+
+    # --- metrics, scoring, weights -------------------------------------------------------------------------
+    @property
+    def counters(self) -> EngineCounters:
+        c = self._counters
+        c.running, c.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        c.kv_blocks_used = self.block_manager.num_used_blocks
+        c.preemptions = self.scheduler.num_preemptions
+        c.prefix_cache_hit_blocks = self.block_manager.prefix_hits
+        return c
+
+    @torch.no_grad()
+    def score(self, sequences: Seq[Seq[int]], max_tokens_per_forward: int = 8192) -> list[Tensor]:
+        """Per-token log-probabilities: for a sequence of T ids, (T - 1,) float32 with entry t = log p(x_{t+1} |
+        x_0..x_t). Sequences are packed into forwards of at most `max_tokens_per_forward` tokens (document
+        masking keeps them apart) and projected to the vocabulary in pieces, so memory stays bounded.
+        NOTE: runs synchronously on the model without the paged cache; it uses no KV blocks."""
+        seqs = [list(s) for s in sequences]
+        for i, s in enumerate(seqs):
+            if len(s) < 2:
+                raise ValueError(f"sequence {i} has {len(s)} tokens; scoring needs at least 2")
+            if self.config.sliding_window is None and len(s) > self.config.max_seq_len:
+                raise ValueError(f"sequence {i} has {len(s)} tokens, more than the context {self.config.max_seq_len}")
+        results: list[Tensor | None] = [None] * len(seqs)
+        group: list[int] = []
+        for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])) + [None]:
+            if i is None or (group and sum(len(seqs[j]) for j in group) + len(seqs[i]) > max_tokens_per_forward):
+                self._score_packed([seqs[j] for j in group], group, results)
+                group = []
+            if i is not None:
+                group.append(i)
+        return results
+
+    def _score_packed(self, seqs: list[list[int]], index: list[int], results: list) -> None:
+        device = self.runner.device
+        tokens = torch.tensor([t for s in seqs for t in s], device=device)  # (T,)
+        positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(device)  # (T,)
+        docs = torch.cat([torch.full((len(s),), k) for k, s in enumerate(seqs)]).to(device)  # (T,)
+        hidden = self.model(tokens[None], positions, document_ids=docs[None], return_hidden=True)[0]  # (T, d)
+        offset = 0
+        for k, s in zip(index, seqs):
+            L = len(s)
+            h, targets = hidden[offset : offset + L - 1], tokens[offset + 1 : offset + L]
+            pieces = []
+            for a in range(0, L - 1, 1024):  # (<= 1024, V) logits at a time
+                logp = self.model.output(h[a : a + 1024]).float().log_softmax(-1)
+                pieces.append(logp.gather(1, targets[a : a + 1024, None])[:, 0])
+            results[k] = torch.cat(pieces).cpu()
+            offset += L
+
+    @torch.no_grad()
+    def load_weights(self, source: Mapping[str, Tensor] | nn.Module) -> None:
+        """Copy new weights into the engine's model in place (same tensors, so nothing is rebuilt).
+
+        `source`: a state dict with the model's parameter names, or a module (e.g. the training model).
+        Running requests are preempted and recomputed, and the prefix cache is dropped: every token computed
+        after this call uses the new weights.
+        """
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        own = dict(self.model.named_parameters())
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, p in own.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                shape = tuple(state[name].shape)
+                raise ValueError(f"load_weights: {name} has shape {shape}, expected {tuple(p.shape)}")
+            p.copy_(state[name])
+        self.scheduler.preempt_all()
+        self.block_manager.reset_prefix_cache()
+
+
+__all__ = ["EngineCounters", "LLMEngine", "RequestOutput"]

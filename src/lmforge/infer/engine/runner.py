@@ -1,0 +1,75 @@
+"""Model runner: turns a scheduled step into tensors, runs the model on the packed batch, samples in one batch.
+
+Notation: S scheduled sequences, N new tokens in all, K sequences that sample this step (their chunk reaches
+their last token), V vocabulary.
+
+    chunks ──► tokens (1, N), positions (N,), PackedMetadata (slot mapping, per-sequence key slots)
+           ──► model(tokens, positions, cache=PagedAttention(...), logits_index=last token of each of K)
+           ──► logits (K, V) ──► sample: one SamplingBatch with per-request parameters ──► tokens (K,)
+
+Only the K sampling rows go through the vocabulary projection (`logits_index`); a pre-fill chunk that stops
+short of its sequence's end produces no logits at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmforge.infer.engine.paged_attention import PagedAttention, PagedImpl, PagedKVPool, build_metadata
+from lmforge.infer.engine.scheduler import ScheduledChunk
+from lmforge.infer.engine.sequence import Sequence
+from lmforge.infer.sampling import SampleOutput, SamplingBatch, sample
+from lmforge.models.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl = "padded"):
+        param = next(model.parameters())
+        self.model, self.device, self.dtype = model, param.device, param.dtype
+        self.config, self.block_size, self.impl = model.config, block_size, impl
+        self.pool = PagedKVPool(model.config, num_blocks, block_size, self.device, self.dtype)
+
+    @torch.no_grad()
+    def forward(self, chunks: list[ScheduledChunk]) -> Tensor:
+        """Compute every chunk's new tokens into the pool; logits (K, V) float32 of the sampling chunks, in order."""
+        tokens = [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.num_tokens]]
+        meta = build_metadata(
+            [c.start for c in chunks], [c.num_tokens for c in chunks], [c.seq.block_table for c in chunks],
+            self.block_size, self.config.sliding_window, self.device,
+        )
+        ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1  # (S,) packed index of each last token
+        last = ends[torch.tensor([c.samples for c in chunks], dtype=torch.bool)]  # (K,)
+        cache = PagedAttention(self.pool, meta, self.config.sliding_window, self.impl)
+        tok = torch.tensor(tokens, device=self.device)[None]  # (1, N)
+        index = last.to(self.device)[None]  # (1, K)
+        logits = self.model(tok, meta.positions, cache=cache, logits_index=index)  # (1, K, V)
+        return logits[0].float()
+
+    def sample(self, seqs: list[Sequence], logits: Tensor) -> SampleOutput:
+        """One token per sequence from logits (K, V), each with its own parameters, in one batch."""
+        return sample(logits, sampling_batch(seqs, self.config.vocab_size, logits.device))
+
+
+def sampling_batch(seqs: list[Sequence], vocab_size: int, device) -> SamplingBatch:
+    """A `SamplingBatch` for this step's sequences, carrying their state across steps.
+
+    NOTE: `SamplingBatch` (lmforge.infer.sampling) serves a static batch: it seeds fresh generators and counts
+    output tokens from zero. The engine's batch changes every step, so each sequence keeps its generator
+    (seeded once, at its first sample) and the output counts are rebuilt from its outputs.
+    """
+    params = [s.sampling for s in seqs]
+    batch = SamplingBatch(params, [s.prompt_ids for s in seqs], vocab_size, device)
+    for s, p in zip(seqs, params):
+        if p.seed is not None and s.generator is None:
+            s.generator = torch.Generator(device=device).manual_seed(p.seed)
+    batch.generators = [s.generator for s in seqs]
+    if batch.output_counts is not None:
+        for b, s in enumerate(seqs):
+            if s.output_ids:
+                ids = torch.tensor(s.output_ids, device=device)
+                batch.output_counts[b].scatter_add_(0, ids, torch.ones_like(ids))
+    return batch
+
+
+__all__ = ["ModelRunner", "sampling_batch"]

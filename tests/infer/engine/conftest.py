@@ -1,0 +1,6 @@
+"""Engine tests share the tiny random models of tests/infer (infer_helpers.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,0 +1,18 @@
+"""benchmarks/serving.py --quick runs end to end on the CPU, baselines included."""
+
+import importlib.util
+from pathlib import Path
+
+
+def test_serving_benchmark_quick():
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "serving.py"
+    spec = importlib.util.spec_from_file_location("serving_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--quick"])
+    cases = [r["case"] for r in rows]
+    assert cases == ["copy_bandwidth", "a", "a-transformers", "b", "b", "b-transformers"]
+    for r in rows[1:]:
+        assert r["requests_per_s"] > 0 and r["output_tok_per_s"] > 0
+    a = rows[1]
+    assert 0 < a["fraction_of_limit"] < 1 and a["ttft_ms_median"] > 0
