@@ -11,10 +11,12 @@ Experts are stored stacked, `w1`, `w3`: (E, f, d) and `w2`: (E, d, f), so that o
 serves all experts; expert e's weights are exactly a dense `FeedForward`'s `w1.weight`, `w2.weight`,
 `w3.weight` (Meta / Mistral per-expert checkpoints stack into these without any transpose).
 
-Two implementations compute the same function (tests/models/test_moe.py): `experts_loop`, one expert at a
-time (readable; data-dependent shapes), and `experts_grouped`, tokens sorted by expert and three
+Three implementations compute the same function (tests/models/test_moe.py): `experts_loop`, one expert at a
+time (readable; data-dependent shapes); `experts_grouped`, tokens sorted by expert and three
 `torch._grouped_mm` calls with group offsets computed on the device (no host sync, compiles to static
-shapes). No token is ever dropped for capacity.
+shapes), for training and pre-fill; and `experts_gathered`, which gathers each token's k experts' weights,
+for decoding a few tokens (static shapes, capturable in a CUDA graph, reads only the chosen experts).
+No token is ever dropped for capacity.
 
 Training losses (REFERENCE.md section 1), returned from every call, never kept in global state:
 
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from lmforge.models.config import MoEConfig
 
-ExpertsImpl = Literal["grouped", "loop"]
+ExpertsImpl = Literal["auto", "grouped", "loop", "gathered"]
 
 
 class RouterLosses(NamedTuple):
@@ -112,6 +114,17 @@ def experts_grouped(x: Tensor, top_idx: Tensor, weights: Tensor, w1: Tensor, w2:
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
+def experts_gathered(x: Tensor, top_idx: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """Per-token gather of the chosen experts' weights; same inputs and output as `experts_loop`.
+
+    Reads N * k expert weight sets, so it pays off only while N * k <= E (decoding); the gathered copies are
+    (N, k, f, d) each.
+    """
+    x1, x3 = torch.einsum("nd,nkfd->nkf", x, w1[top_idx]), torch.einsum("nd,nkfd->nkf", x, w3[top_idx])
+    out = torch.einsum("nkf,nkdf->nkd", F.silu(x1) * x3, w2[top_idx])  # (N, k, d)
+    return (out * weights[..., None]).sum(dim=1)
+
+
 class MoE(nn.Module):
     """Router `gate` plus E SwiGLU experts; forward returns (output, RouterLosses)."""
 
@@ -122,7 +135,9 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(cfg.num_experts, ffn_dim, dim))
         self.w2 = nn.Parameter(torch.empty(cfg.num_experts, dim, ffn_dim))
         self.w3 = nn.Parameter(torch.empty(cfg.num_experts, ffn_dim, dim))
-        self.impl: ExpertsImpl = "grouped"
+        # "auto": gathered while N * k <= E (a decode step; a Python decision on shapes, so it compiles),
+        # else grouped (see forward).
+        self.impl: ExpertsImpl = "auto"
 
     def forward(self, x: Tensor) -> tuple[Tensor, RouterLosses]:
         B, T, d = x.shape
@@ -130,6 +145,13 @@ class MoE(nn.Module):
         logits = self.gate(x)  # (N, E)
         top_logits, top_idx = torch.topk(logits, self.cfg.top_k, dim=-1)  # (N, k)
         weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)  # (N, k)
-        experts = experts_grouped if self.impl == "grouped" else experts_loop
+        impl = self.impl
+        if impl == "auto":
+            # NOTE: torch._grouped_mm runs natively on CUDA in bf16 only; other dtypes take a fallback that
+            # copies the offsets to the host, which a CUDA graph cannot capture.
+            native_grouped = not x.is_cuda or x.dtype == torch.bfloat16
+            few_tokens = x.shape[0] * self.cfg.top_k <= self.cfg.num_experts
+            impl = "gathered" if few_tokens or not native_grouped else "grouped"
+        experts = {"grouped": experts_grouped, "loop": experts_loop, "gathered": experts_gathered}[impl]
         y = experts(x, top_idx, weights, self.w1, self.w2, self.w3)
         return y.reshape(B, T, d), router_losses(logits, top_idx, self.cfg)
