@@ -82,7 +82,8 @@ def free(*objs) -> None:
 
 # ---------------------------------------------------------------------------------------------- (a) lmforge
 @torch.no_grad()
-def lmforge_decode(model: Transformer, prompt: list[int], n_new: int, mode: str, repeats: int) -> dict:
+def lmforge_decode(model: Transformer, prompt: list[int], n_new: int, mode: str, repeats: int,
+                   profile: bool = False) -> dict:
     device = next(model.parameters()).device
     cache = make_cache(model.config, 1, len(prompt) + n_new, device=device, dtype=next(model.parameters()).dtype)
     step = DecodeStep(model, cache, mode)
@@ -126,6 +127,14 @@ def lmforge_decode(model: Transformer, prompt: list[int], n_new: int, mode: str,
             decode.append(marks["decode_start"].elapsed_time(marks["decode_end"]) / 1e3)
         else:
             decode.append(marks["decode_end"] - marks["decode_start"])
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        print(f"--- profile: lmforge {mode}, one generation of {n_new} tokens ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     total_s, decode_s = statistics.median(total), statistics.median(decode)
     return {
         "mode": mode,
@@ -214,6 +223,7 @@ def main() -> None:
     parser.add_argument("--only", default="a,b,c,d", help="comma-separated parts: a b c d")
     parser.add_argument("--modes", default="eager,cuda_graph,compile,compile+cuda_graph", help="lmforge decode modes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of each lmforge mode")
     parser.add_argument("--json", default=None, help="JSON output path (default $OUT/decode.json)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -251,7 +261,7 @@ def main() -> None:
             report["lmforge"] = []
             for mode in modes:
                 try:
-                    report["lmforge"].append(lmforge_decode(model, prompt, n_new, mode, args.repeats))
+                    report["lmforge"].append(lmforge_decode(model, prompt, n_new, mode, args.repeats, args.profile))
                 except Exception as e:  # one failing mode must not lose the other figures
                     report["lmforge"].append({"mode": mode, "error": f"{type(e).__name__}: {e}"[:500]})
                 torch._dynamo.reset()
