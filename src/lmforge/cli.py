@@ -14,9 +14,20 @@ import sys
 
 def _verbs() -> dict:
     from lmforge.models.convert import convert
+    from lmforge.infer.cli import chat, generate_cli
+    from lmforge.train.evaluate import evaluate
+    from lmforge.train.pretrain import pretrain
+    from lmforge.data.prepare import prepare_data
+    from lmforge.tokenizer.train import train_tokenizer
 
     return {
         "convert": convert,
+        "generate": generate_cli,
+        "chat": chat,
+        "pretrain": pretrain,
+        "eval": evaluate,
+        "tokenizer": {"train": train_tokenizer},
+        "data": {"prepare": prepare_data},
     }
 
 

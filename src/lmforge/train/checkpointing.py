@@ -1,0 +1,159 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+    checkpoints/
+      step_000200/                    complete (renamed into place after every file was written)
+        .metadata, __0_0.distcp ...   model and optimizer through torch.distributed.checkpoint (DCP)
+        train_state.json              step, tokens seen, scheduler and data-loader state, the run's config
+        rng/rank_00000.json           torch (CPU and CUDA), python and numpy generator states of each rank
+      step_000300.tmp/                being written, or left by a crash: never resumed from
+
+A checkpoint is complete once `step_NNNNNN.tmp` has been renamed to `step_NNNNNN`: a run killed while
+saving leaves only a `.tmp` folder, and `latest_checkpoint` returns the previous complete one. After each save
+only the newest `keep` complete checkpoints remain.
+
+Model and optimizer go through `get_state_dict` / `set_state_dict` and DCP, which work in one process without
+`init_process_group` and, unchanged, with FSDP-sharded parameters (each rank writes its shards, a later run
+may load them with another number of ranks). Everything else is small and goes to JSON.
+
+NOTE: DCP stores non-tensor optimizer entries (param_groups) and its `.metadata` with pickle, so resume only
+from checkpoints your own runs wrote. Models meant to be shared are the safetensors folders of `save_model`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from lmforge.io import atomic_file
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _dcp(fn, *args, **kwargs):
+    """Call dcp.save / dcp.load, silencing its warning that one process without a process group is assumed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs)
+
+
+def _tensor_to_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _b64_to_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """The generator states of this process as JSON-ready values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch_cpu": _tensor_to_b64(torch.get_rng_state()),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = [_tensor_to_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_b64_to_tensor(state["torch_cpu"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_b64_to_tensor(s) for s in state["torch_cuda"]])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `root/step_{step:06d}` (see the module docstring) and delete all but the newest `keep`.
+
+    train_state: JSON-ready values (step, tokens seen, scheduler and loader state, config), written by rank 0.
+    """
+    final = root / f"step_{step:06d}"
+    tmp = root / f"{final.name}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with atomic_file(tmp / "rng" / f"rank_{_rank():05d}.json", "w") as f:
+        json.dump(rng_state(), f)
+    if _rank() == 0:
+        with atomic_file(tmp / "train_state.json", "w") as f:
+            json.dump(train_state, f, indent=2)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+        tmp.rename(final)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model, optimizer and this rank's RNG states from `path` in place; return its train_state."""
+    if not (path / "train_state.json").exists() or not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no train_state.json or .metadata)")
+    # get_state_dict gives tensors of the right shapes (and shardings) for DCP to load into; for an optimizer
+    # without state yet it first runs one zero-lr step to create exp_avg / exp_avg_sq.
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _dcp(dcp.load, state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.json"
+    if rng_file.exists():  # absent when resuming with more ranks than saved: those start from their seed
+        set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / "train_state.json").read_text())

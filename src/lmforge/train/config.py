@@ -1,0 +1,136 @@
+"""The option groups of `lmforge pretrain`: data, training, run folder (the optimizer's is in optim.py).
+
+Each group is a dataclass, so the command line gets dotted options (`--train.steps 100`, `--optim.lr 1e-3`)
+and a YAML file the same keys nested; the `Attributes:` sections below are the `--help` text of each option.
+Defaults are Llama 2's recipe (REFERENCE.md section 3); the shipped configs/*.yaml scale it down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run, with the option to change named in the message."""
+
+
+@dataclass
+class DataConfig:
+    """Token shards to train on.
+
+    Attributes:
+        dir: Folder written by `lmforge data prepare` (manifest.json plus token shards).
+        train_split: Split to train on.
+        val_split: Split for the periodic validation loss; None switches validation off.
+        document_masking: Let tokens attend only within their own document of a packed sequence (the
+            loader's document ids go to attention); off, a sequence attends across document boundaries as
+            in Llama 2.
+        tokenizer: tokenizer.model copied into the final model folder; None takes the one recorded in the
+            data manifest, if any.
+    """
+
+    dir: str | None = None
+    train_split: str = "train"
+    val_split: str | None = "validation"
+    document_masking: bool = False
+    tokenizer: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch shape, precision and safety nets.
+
+    Attributes:
+        steps: Optimizer steps of the whole run (Llama 2: 2T tokens / 4M tokens a step = about 477k).
+        global_batch_tokens: Tokens per optimizer step over all ranks and micro-batches (Llama 2: 4M =
+            1024 sequences of 4096). Must be a multiple of micro_batch_size * seq_len * world_size; the
+            quotient is the number of gradient-accumulation micro-batches.
+        micro_batch_size: Sequences per forward pass on one rank.
+        seq_len: Tokens per training sequence (Llama 2: 4096); at most model.max_seq_len.
+        seed: Seed of parameter initialisation and data order.
+        precision: "auto" is bf16 autocast on CUDA and fp32 on the CPU; "bf16" or "fp32" force one.
+            Parameters, gradients and optimizer state stay fp32 either way.
+        device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
+        loss_chunk: Token positions whose logits are computed at once by the chunked cross-entropy.
+        threads: CPU threads for torch (None: torch's default).
+        deterministic: torch.use_deterministic_algorithms(True) (slower on CUDA; bitwise-repeatable runs).
+        spike_window: Recent steps whose losses define a loss spike.
+        spike_sigmas: A loss above mean + spike_sigmas * std of the window is logged as a loss_spike event.
+        debug_nan_at_step: Testing only: make the loss of this step NaN (steps count from 1) to exercise the
+            non-finite stop.
+    """
+
+    steps: int = 476_837
+    global_batch_tokens: int = 4_194_304
+    micro_batch_size: int = 1
+    seq_len: int = 4096
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: str | None = None
+    loss_chunk: int = 2048
+    threads: int | None = None
+    deterministic: bool = False
+    spike_window: int = 100
+    spike_sigmas: float = 4.0
+    debug_nan_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len", "loss_chunk", "spike_window"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank:
+        global_batch_tokens / (micro_batch_size * seq_len * world_size).
+
+        Worked example: 4,194,304 tokens, micro-batch 2 of 4096 tokens, 64 ranks -> 4,194,304 / 524,288 = 8.
+        """
+        per_pass = self.micro_batch_size * self.seq_len * world_size
+        if self.global_batch_tokens % per_pass != 0:
+            lower = max(per_pass, self.global_batch_tokens // per_pass * per_pass)
+            raise TrainConfigError(
+                f"train.global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
+                f"micro_batch_size * seq_len * world_size = {self.micro_batch_size} * {self.seq_len} * "
+                f"{world_size} = {per_pass} tokens; nearest valid values: {lower} or {lower + per_pass}"
+            )
+        return self.global_batch_tokens // per_pass
+
+
+@dataclass
+class RunConfig:
+    """The run folder, checkpoints and reporting.
+
+    Attributes:
+        dir: Run folder (config.yaml, env.json, metrics.jsonl, tensorboard/, checkpoints/, model/).
+        resume: "auto" continues from the newest complete checkpoint in dir/checkpoints (or starts afresh if
+            there is none); a path continues from that checkpoint; None starts afresh and refuses a run
+            folder that already holds checkpoints.
+        checkpoint_every: Save a training checkpoint every this many steps (and at the end, and on SIGTERM).
+        keep_checkpoints: Complete checkpoints kept; older ones are deleted after each save.
+        eval_every: Compute the validation loss every this many steps (and at the end); 0 switches it off.
+        eval_batches: Batches of data.val_split per validation: the split's first samples in order, each at
+            most once (a large value covers the whole split).
+        tensorboard: Write TensorBoard events to dir/tensorboard.
+        wandb_project: Also log to this Weights & Biases project (needs `pip install wandb`).
+        peak_tflops: Peak dense TFLOP/s of one device for MFU; None looks up known GPUs (H100: 989) and
+            reports n/a elsewhere.
+        progress: Show a progress bar.
+    """
+
+    dir: str = "runs/pretrain"
+    resume: str | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    eval_every: int = 1000
+    eval_batches: int = 10
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    peak_tflops: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.eval_every < 0 or self.eval_batches < 1:
+            raise TrainConfigError(
+                "run.checkpoint_every, run.keep_checkpoints and run.eval_batches must be >= 1, run.eval_every >= 0"
+            )
