@@ -73,9 +73,14 @@ def save_model(
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` to the folder `path` in our format, atomically (the folder appears complete or not at all)."""
-    state = {k: v.detach().to(dtype=dtype or v.dtype).cpu().contiguous() for k, v in model.state_dict().items()}
+    """Write `model` to the folder `path` in our format, atomically (the folder appears complete or not at all).
+
+    `state_dict` replaces `model.state_dict()`, e.g. the full tensors gathered from a sharded model.
+    """
+    state = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().to(dtype=dtype or v.dtype).cpu().contiguous() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():

@@ -101,9 +101,11 @@ def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -
     return model
 
 
-def unwrap(module: nn.Module) -> Transformer:
-    """The Transformer inside a DDP wrapper (FSDP2 modifies the model in place and needs no unwrapping)."""
-    return module.module if hasattr(module, "module") and isinstance(module.module, Transformer) else module
+def full_model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every parameter as a full CPU tensor, whatever the sharding (a collective: call it on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _param_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -34,9 +34,11 @@ from lmforge.models.transformer import Transformer
 from lmforge.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import DataConfig, RunConfig, TrainConfig, TrainConfigError
 from lmforge.train.evaluate import autocast_context, check_vocabulary, evaluate_loss, perplexity, split_batches
-from lmforge.train.losses import chunked_cross_entropy, global_target_tokens
+from lmforge.train.linear_ce import linear_cross_entropy
+from lmforge.train.losses import global_target_tokens
 from lmforge.train.metrics import MetricsLogger, SpikeDetector, flops_per_token, peak_flops
 from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+from lmforge.train.parallel import ParallelConfig, full_model_state_dict, init_distributed, parallelize
 from lmforge.train.runinfo import to_plain, write_run_info
 
 
@@ -56,6 +58,7 @@ def pretrain(
     train: TrainConfig = TrainConfig(),
     optim: OptimConfig = OptimConfig(),
     run: RunConfig = RunConfig(),
+    parallel: ParallelConfig = ParallelConfig(),
 ) -> Path:
     """Pre-train a language model on token shards (Llama 2's recipe; configs/*.yaml hold scaled-down runs).
 
@@ -71,10 +74,13 @@ def pretrain(
         train: Steps, batch, precision, safety nets.
         optim: AdamW and the learning-rate schedule.
         run: Run folder, checkpoints, validation, reporting.
+        parallel: Data parallelism (FSDP2 / DDP under torchrun), activation checkpointing, torch.compile.
     """
     # ---- where we run, and how the global batch splits -----------------------------------------------
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size = init_distributed(device.type)  # (0, 1) without torchrun
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     accum = train.grad_accum_steps(world_size)
     if data.dir is None:
         raise TrainConfigError("data.dir is required: a folder written by `lmforge data prepare`")
@@ -88,6 +94,9 @@ def pretrain(
 
     # ---- model, optimizer, schedule, data --------------------------------------------------------------
     net = _build_model(model, preset, init_from, device)
+    # `train_net` is what the loop calls: `net` itself (FSDP2 shards it in place) or its DDP wrapper.
+    # `net` keeps the Transformer's attributes (config, output projection) and serves evaluation.
+    train_net = parallelize(net, parallel, device)
     manifest = read_manifest(data.dir)
     check_vocabulary(manifest, net.config.vocab_size, data.dir)
     if train.seq_len > net.config.max_seq_len:
@@ -109,7 +118,7 @@ def pretrain(
         step, tokens_seen = state["step"], state["tokens_seen"]
     # The resolved configuration: a preset is written out as its shapes, so the file alone reruns the run.
     config = {"model": None if init_from else net.config, "init_from": init_from, "data": data, "train": train,
-              "optim": optim, "run": run}
+              "optim": optim, "run": run, "parallel": parallel}
     if rank == 0:
         write_run_info(run_dir, config, device=str(device))
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=run.tensorboard, wandb_project=run.wandb_project,
@@ -154,8 +163,8 @@ def pretrain(
                                          for t in (batch.inputs, batch.targets, batch.loss_mask))
                 doc = batch.document_ids.to(device) if data.document_masking else None
                 with autocast_context(device, train.precision):
-                    hidden, router = net(inputs, document_ids=doc, return_hidden=True, return_aux=True)
-                    ce_sum = chunked_cross_entropy(hidden, net.output.weight, targets, mask, train.loss_chunk)
+                    hidden, router = train_net(inputs, document_ids=doc, return_hidden=True, return_aux=True)
+                    ce_sum = linear_cross_entropy(hidden, net.output.weight, targets, mask, train.loss_chunk)
                 if train.debug_nan_at_step == step + 1:
                     ce_sum = ce_sum * math.nan  # the test hook of the non-finite stop
                 # NOTE: data-parallel wrappers average gradients over ranks; * world_size undoes that, so the
@@ -218,10 +227,12 @@ def pretrain(
         stop.restore()
         logger.close()
 
+    # Gathered to full tensors on every rank (a collective under FSDP2), written by rank 0 alone.
+    full_state = full_model_state_dict(net)
     if rank == 0:
         recorded = manifest.get("tokenizer")  # the tokenizer that made the shards, if it is still there
         tokenizer = data.tokenizer or (recorded if recorded and Path(recorded).exists() else None)
-        save_model(net, run_dir / "model", tokenizer_path=tokenizer)
+        save_model(net, run_dir / "model", tokenizer_path=tokenizer, state_dict=full_state)
         tqdm.write(f"saved the trained model to {run_dir / 'model'}")
     return run_dir
 
