@@ -59,7 +59,8 @@ def cases(only: set[str], quick: bool) -> list[Case]:
     if "c" in only:
         moe = ModelConfig.from_name("mixtral-8x7b", n_layers=4, rope_theta=1e4, max_seq_len=4096)
         dense = ModelConfig.from_name("mistral-7b", n_layers=4, sliding_window=None, ffn_dim=2 * 14336)
-        out += [Case("c-mixtral-slice", moe, 4096, 1), Case("c-dense-slice-same-active", dense, 4096, 1)]
+        for B in (1, 2):  # at batch 1 the optimizer step over the experts' 4x parameters weighs more
+            out += [Case(f"c-mixtral-slice-b{B}", moe, 4096, B), Case(f"c-dense-slice-same-active-b{B}", dense, 4096, B)]
     return out
 
 
