@@ -24,7 +24,7 @@ STEPS = ["--train.steps", "4"]
 
 def _args(data_dir, run_dir, *extra):
     # 4 steps of 2048 tokens: 4 sequences of 128 per micro-batch, accumulation 4 in one process, 2 on 2 ranks
-    return ["pretrain", "--preset", "tiny", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
+    return ["pretrain", "--preset", "tiny", "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.device", "cpu",
             "--train.global_batch_tokens", "2048", "--train.micro_batch_size", "4", "--train.seq_len", "128",
             "--optim.lr", "1e-2", "--optim.warmup_steps", "2", "--run.checkpoint_every", "2",
             "--run.eval_every", "0", "--run.progress", "false", "--train.threads", "1", *extra]

@@ -18,7 +18,7 @@ from lmforge.train.runinfo import git_revision
 
 def pretrain_args(data_dir, run_dir, *extra):
     """5 steps of the tiny model, 2048 tokens a step as 4 micro-batches of 4 x 128, checkpoints every 2 steps."""
-    return ["pretrain", "--preset", "tiny", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
+    return ["pretrain", "--preset", "tiny", "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.device", "cpu",
             "--train.steps", "5", "--train.global_batch_tokens", "2048", "--train.micro_batch_size", "4",
             "--train.seq_len", "128", "--optim.lr", "1e-2", "--optim.warmup_steps", "2",
             "--run.checkpoint_every", "2", "--run.eval_every", "5", "--run.eval_batches", "2",
@@ -150,7 +150,7 @@ def test_eval_verb_reports_the_perplexity_of_every_validation_sample(token_data,
     from lmforge.train.evaluate import evaluate
 
     main(pretrain_args(token_data, tmp_path / "run", "--train.steps", "2", "--run.eval_every", "0"))
-    main(["eval", str(tmp_path / "run" / "model"), token_data, "--seq_len", "128", "--batch_size", "5"])
+    main(["eval", str(tmp_path / "run" / "model"), token_data, "--seq_len", "128", "--batch_size", "5", "--device", "cpu"])
     assert "perplexity" in capsys.readouterr().out
     result = evaluate(str(tmp_path / "run" / "model"), token_data, seq_len=128, batch_size=5)
     model = load_model(tmp_path / "run" / "model")

@@ -14,7 +14,7 @@ STEPS = 10
 
 def args(data_dir, run_dir, *extra):
     """10 steps of the tiny model, 4 accumulated micro-batches of 2 x 128 tokens each, a checkpoint every 2 steps."""
-    return ["pretrain", "--preset", "tiny", "--data.dir", str(data_dir), "--run.dir", str(run_dir),
+    return ["pretrain", "--preset", "tiny", "--data.dir", str(data_dir), "--run.dir", str(run_dir), "--train.device", "cpu",
             "--train.steps", str(STEPS), "--train.global_batch_tokens", "1024", "--train.micro_batch_size", "2",
             "--train.seq_len", "128", "--optim.lr", "1e-2", "--optim.warmup_steps", "2",
             "--run.checkpoint_every", "2", "--run.eval_every", "0", "--run.progress", "false", "--train.threads", "2",
