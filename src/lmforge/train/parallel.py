@@ -83,15 +83,19 @@ def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -
             block.compile(fullgraph=model.config.moe is None)  # in place: names stay unchanged too
 
     if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # NOTE: an explicit mesh on the training device; fully_shard's default mesh takes CUDA whenever CUDA
+        # exists, which breaks CPU (gloo) training on a machine with fewer GPUs than ranks.
+        mesh = init_device_mesh(device.type, (world_size,))
         param_dtype = _param_dtype(cfg.param_dtype, device)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for i, block in enumerate(blocks):
             # NOTE: the last block is not resharded after forward: backward needs it first, so re-gathering
             # it at once would only add communication.
-            fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel

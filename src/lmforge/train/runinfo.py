@@ -51,6 +51,10 @@ def library_versions() -> dict[str, str | None]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    # torch's own version string names its build (e.g. 2.11.0+cu130); the package metadata may not
+    import torch
+
+    versions["torch"] = torch.__version__
     return versions
 
 
