@@ -123,3 +123,13 @@ def test_meta_mixtral_experts_are_stacked(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(params))
     back = load_model(tmp_path)
     assert back.config.moe.num_experts == 4 and _same(model, back)
+
+
+def test_saved_folder_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    save_model(Transformer(ModelConfig.from_name("tiny")), tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o777 & ~umask

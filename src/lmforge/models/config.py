@@ -25,6 +25,12 @@ class MoEConfig:
 
     `y = sum over the top_k experts e of softmax(top_k(x W_g))_e * SwiGLU_e(x)`; the softmax runs over the
     k selected router logits only. Training adds `aux_loss_coef * load_balance + z_loss_coef * z_loss`.
+
+    Attributes:
+        num_experts: Experts E per layer.
+        top_k: Experts k each token is routed to.
+        aux_loss_coef: alpha of the Switch-Transformer load-balancing loss (0.02 in the released Mixtral config).
+        z_loss_coef: beta of the ST-MoE router z-loss (Mixtral: 0, off).
     """
 
     num_experts: int = 8
@@ -49,6 +55,20 @@ class ModelConfig:
 
     Notation used across the model code: B batch, T sequence length, d = `dim`, H = `n_heads`,
     Hkv = `n_kv_heads`, D = `head_dim` = d / H, f = `ffn_dim`, V = `vocab_size`, W = `sliding_window`.
+
+    Attributes:
+        dim: Model width d.
+        n_layers: Transformer blocks.
+        n_heads: Query heads H.
+        n_kv_heads: Key/value heads (grouped-query attention); None means n_heads (multi-head attention).
+        ffn_dim: Hidden width f of each SwiGLU feed-forward (of each expert, for MoE).
+        vocab_size: Vocabulary size V.
+        max_seq_len: Context length trained on; a sliding-window model can generate past it.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: Rotary embedding base (10000 for Llama 2 and Mistral v0.1; 1e6 for Mixtral).
+        sliding_window: Window W (position i attends to keys j with i - W < j <= i); None for full attention.
+        moe: Sparse mixture of experts replacing every feed-forward; None for a dense model.
+        head_dim: Per-head width D; None means dim // n_heads.
     """
 
     dim: int = 4096
