@@ -55,13 +55,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside `path` for writing; on success it is flushed, synced and renamed."""
+def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator:
+    """Open a temporary file beside `path` for writing; on success it is flushed, synced and renamed.
+
+        with atomic_file("out/manifest.json", "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.io import atomic_file
+
 FORMAT = "lmforge-tokens/1"
 SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
@@ -60,15 +62,9 @@ def is_validation(key: bytes, seed: int, val_fraction: float) -> bool:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
 
 
 def file_sha256(path: Path) -> str:
