@@ -196,8 +196,6 @@ def main() -> None:
     rows = []
     for case in cases(set(args.only.split(",")), args.quick):
         for system in systems:
-            if case.name.startswith(("b", "c")) and system == "hf-compiled":
-                continue  # transformers' compiled path is measured on (a), the anchor case
             row = run_case(case, system, device, args.warmup, args.steps, args.profile and system.startswith("lmforge"))
             rows.append(row)
             print(json.dumps(row), flush=True)
