@@ -84,15 +84,17 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, document_ids: Tensor | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        # NOTE: head counts are read off the shapes (-1), not the config: under tensor parallelism each rank
+        # holds H / tp query and Hkv / tp key/value heads (lmforge.train.parallel.apply_tensor_parallel).
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, window=self.window, document_ids=document_ids, backend=self.backend)
         else:
             out = cache.attend(self.layer_id, q, k, v)  # the cache applies the causal / window rule
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
         return self.wo(out)
 
 

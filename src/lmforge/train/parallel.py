@@ -105,6 +105,45 @@ def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -
     return model
 
 
+def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
+    """Megatron-style tensor parallelism of attention and dense feed-forwards over `tp_mesh`, in place.
+
+    Per block: wq, wk, wv, w1, w3 are split by output rows (column-wise: each rank computes H / tp query heads,
+    Hkv / tp key/value heads and f / tp hidden units), wo and w2 by input columns (row-wise: each rank's
+    partial product is summed by one all-reduce). So each block costs two all-reduces of (B, T, d) and each
+    rank holds about 1 / tp of the block weights. Embeddings, norms, the output projection and MoE layers stay
+    replicated. Worked example, H = 4, Hkv = 2, tp = 2: rank 0 holds query heads 0, 1 and kv head 0, rank 1
+    query heads 2, 3 and kv head 1, which is exactly GQA's grouping (query head h reads kv head h // 2).
+
+    Caches for a tensor-parallel model hold Hkv / tp heads per rank (`tensor_parallel_config`).
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    cfg = model.config
+    if cfg.n_heads % tp or cfg.n_kv_heads % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must divide n_heads ({cfg.n_heads}) and n_kv_heads "
+                         f"({cfg.n_kv_heads})")
+    for block in model.layers:
+        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        if cfg.moe is None:
+            if cfg.ffn_dim % tp:
+                raise ValueError(f"tensor-parallel degree {tp} must divide ffn_dim ({cfg.ffn_dim})")
+            plan |= {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                     "feed_forward.w2": RowwiseParallel()}
+        parallelize_module(block, tp_mesh, plan)
+    return model
+
+
+def tensor_parallel_config(config, tp: int):
+    """The shapes one rank of a tensor-parallel model attends with (what its KV cache must hold)."""
+    import dataclasses
+
+    return dataclasses.replace(config, n_heads=config.n_heads // tp, n_kv_heads=config.n_kv_heads // tp,
+                               dim=config.dim, head_dim=config.head_dim)
+
+
 def full_model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Every parameter as a full CPU tensor, whatever the sharding (a collective: call it on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

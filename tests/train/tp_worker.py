@@ -1,0 +1,58 @@
+"""Run by test_tensor_parallel.py under torchrun (gloo): tensor-parallel logits equal the single-process model's.
+
+Every rank builds the same seeded model, computes reference logits with it whole, then shards it with
+`apply_tensor_parallel` and compares: a full forward, a chunked pre-fill into a KV cache holding the rank's
+Hkv / tp heads, and decode steps from that cache. Exits non-zero (an AssertionError) on any mismatch.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from lmforge import ModelConfig, Transformer
+from lmforge.infer.cache import make_cache
+from lmforge.train.parallel import apply_tensor_parallel, tensor_parallel_config
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def cached_logits(model, config, tokens, prompt_len):
+    """Logits of a chunked pre-fill of the prompt, then of one decode step per remaining token."""
+    B, T = tokens.shape
+    cache = make_cache(config, B, T + 1, kind="contiguous")
+    pos = torch.arange(prompt_len).expand(B, prompt_len)
+    out = [model(tokens[:, :prompt_len], pos, cache=cache.prefill(pos))]
+    for t in range(prompt_len, T):
+        pos = torch.full((B, 1), t)
+        out.append(model(tokens[:, t : t + 1], pos, cache=cache.decode(pos)))
+    return torch.cat(out, dim=1)
+
+
+def main(preset: str) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(preset)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # unit-scale weights, so 1e-5 is a relative tolerance
+            if "norm" not in name:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    tokens = torch.randint(0, config.vocab_size, (2, 21))
+    with torch.no_grad():
+        full_ref = model(tokens)
+        cached_ref = cached_logits(model, config, tokens, 13)
+    tp = dist.get_world_size()
+    apply_tensor_parallel(model, init_device_mesh("cpu", (tp,)))
+    wq = model.layers[0].attention.wq.weight
+    assert wq.to_local().shape[0] == config.n_heads * config.head_dim // tp  # really sharded
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), full_ref, **TOL)
+        torch.testing.assert_close(cached_logits(model, tensor_parallel_config(config, tp), tokens, 13), cached_ref, **TOL)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
