@@ -33,3 +33,46 @@ def test_degree_must_divide_the_heads():
 
     with pytest.raises(ValueError, match="tensor-parallel degree 3 must divide n_heads \\(4\\)"):
         apply_tensor_parallel(Transformer(ModelConfig.from_name("tiny")), FakeMesh())
+
+
+@pytest.mark.slow
+def test_generate_with_tensor_parallel_equals_one_process(tokenizer_512, tmp_path):
+    """`lmforge generate --tensor_parallel 2` under torchrun writes the single-process tokens and log-probs."""
+    import json
+
+    import torch
+
+    from lmforge.cli import main
+    from lmforge.models.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-swa"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    save_model(model, tmp_path / "model", tokenizer_path=tokenizer_512)
+    (tmp_path / "prompts.txt").write_text("abc def ghi\nthe quick brown fox jumps over\nxy\n")
+    args = ["generate", str(tmp_path / "model"), "--prompt_file", str(tmp_path / "prompts.txt"), "--format", "jsonl",
+            "--sampling.temperature", "0", "--sampling.max_new_tokens", "12", "--sampling.logprobs", "true",
+            "--device", "cpu"]
+    main([*args, "--output", str(tmp_path / "one.jsonl")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "lmforge.cli", *args, "--output", str(tmp_path / "two.jsonl"), "--tensor_parallel", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("one.jsonl", "two.jsonl"))
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+
+
+def test_tensor_parallel_without_torchrun_is_a_clear_error(tmp_path, capsys):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tmp_path), "--prompts", "hi", "--tensor_parallel", "2", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--tensor_parallel 2 needs 2 processes (torchrun --nproc_per_node 2)" in capsys.readouterr().err

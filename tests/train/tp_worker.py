@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from lmforge import ModelConfig, Transformer
-from lmforge.infer.cache import make_cache
-from lmforge.train.parallel import apply_tensor_parallel, tensor_parallel_config
+from lmforge.infer.cache import cache_config, make_cache
+from lmforge.train.parallel import apply_tensor_parallel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -50,7 +50,7 @@ def main(preset: str) -> None:
     assert wq.to_local().shape[0] == config.n_heads * config.head_dim // tp  # really sharded
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), full_ref, **TOL)
-        torch.testing.assert_close(cached_logits(model, tensor_parallel_config(config, tp), tokens, 13), cached_ref, **TOL)
+        torch.testing.assert_close(cached_logits(model, cache_config(model), tokens, 13), cached_ref, **TOL)
     dist.destroy_process_group()
 
 

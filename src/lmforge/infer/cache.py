@@ -222,6 +222,18 @@ class PrefillView:
         return out.masked_fill(~self.is_query, 0.0)
 
 
+def cache_config(model) -> ModelConfig:
+    """The shapes a cache for `model` holds: its config, or under tensor parallelism the heads of one rank
+    (`lmforge.train.parallel.apply_tensor_parallel` records the degree as `model.tp_degree`)."""
+    import dataclasses
+
+    tp = getattr(model, "tp_degree", 1)
+    config = model.config
+    if tp == 1:
+        return config
+    return dataclasses.replace(config, n_heads=config.n_heads // tp, n_kv_heads=config.n_kv_heads // tp)
+
+
 def make_cache(
     config: ModelConfig,
     batch_size: int,

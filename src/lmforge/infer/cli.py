@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,7 @@ def generate_cli(
     decode_mode: DecodeMode = "eager",
     device: str | None = None,
     dtype: Dtype | None = None,
+    tensor_parallel: int = 1,
 ) -> None:
     """Generate continuations of text prompts with a model folder (ours, Hugging Face or Meta).
 
@@ -98,15 +100,25 @@ def generate_cli(
         decode_mode: eager, compile, cuda_graph or compile+cuda_graph (the graph modes need CUDA).
         device: cuda or cpu (default: cuda when available).
         dtype: cast the weights (default: as stored).
+        tensor_parallel: split the attention and feed-forward weights over this many processes, for a model
+            too large for one GPU: `torchrun --nproc_per_node N -m lmforge.cli generate ... --tensor_parallel N`.
+            Every rank computes the same tokens; rank 0 writes them.
     """
     from lmforge.io import atomic_file
 
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     items = _read_prompts(prompts, prompt_file)
+    rank = _join_tensor_parallel(tensor_parallel, device)  # before loading, so "cuda" means this rank's GPU
     net, tok = _load(model, tokenizer, device, dtype)
+    if tensor_parallel > 1:
+        _shard(net, tensor_parallel)
+    if rank != 0:
+        output, stream_text_allowed = Path(os.devnull), False
+    else:
+        stream_text_allowed = True
     ids = [_encode(tok, item, chat, system) for item in items]
-    stream_text = format == "text" and output is None and len(items) == 1
+    stream_text = stream_text_allowed and format == "text" and output is None and len(items) == 1
 
     def records():
         for start in range(0, len(ids), batch_size):
@@ -138,9 +150,42 @@ def generate_cli(
 
     if output is None:
         write(sys.stdout)
+    elif rank != 0:
+        with open(output, "w") as f:
+            write(f)
     else:
         with atomic_file(output, "w") as f:
             write(f)
+
+
+def _join_tensor_parallel(tp: int, device: str | None) -> int:
+    """Join torchrun's process group for tensor parallelism of degree `tp`; this process's rank (0 if tp == 1)."""
+    if tp == 1:
+        return 0
+    if tp < 1:
+        raise GenerationError(f"tensor_parallel must be >= 1, got {tp}")
+    from lmforge.train.parallel import init_distributed
+
+    device_type = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    rank, world = init_distributed(device_type)
+    if world != tp:
+        raise GenerationError(f"--tensor_parallel {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); "
+                              f"this run has {world}")
+    return rank
+
+
+def _shard(net, tp: int) -> None:
+    """Shard `net` over the process group, and give every rank one sampling seed so they draw the same tokens."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmforge.train.parallel import apply_tensor_parallel
+
+    device = next(net.parameters()).device
+    apply_tensor_parallel(net, init_device_mesh(device.type, (tp,)))
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    dist.broadcast(seed, src=0)
+    torch.manual_seed(int(seed.item()))
 
 
 def _encode(tok, item: str | list[dict], chat: bool, system: str | None) -> list[int]:

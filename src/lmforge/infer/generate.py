@@ -23,7 +23,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
-from lmforge.infer.cache import make_cache
+from lmforge.infer.cache import cache_config, make_cache
 from lmforge.infer.decode_step import DecodeMode, DecodeStep
 from lmforge.infer.detokenize import TextStream
 from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
@@ -158,7 +158,7 @@ def generate_stream(
     max_len = max(L + p.max_new_tokens for L, p in zip(lengths, params))
     if config.sliding_window is None:
         max_len = min(max_len, config.max_seq_len)
-    cache = make_cache(config, B, max_len, kind=cache_kind, device=device, dtype=dtype)
+    cache = make_cache(cache_config(model), B, max_len, kind=cache_kind, device=device, dtype=dtype)
     chunk = prefill_chunk or config.sliding_window or T
 
     tokens, positions = _left_pad(prompts, device)

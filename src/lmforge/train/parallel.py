@@ -115,7 +115,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
     replicated. Worked example, H = 4, Hkv = 2, tp = 2: rank 0 holds query heads 0, 1 and kv head 0, rank 1
     query heads 2, 3 and kv head 1, which is exactly GQA's grouping (query head h reads kv head h // 2).
 
-    Caches for a tensor-parallel model hold Hkv / tp heads per rank (`tensor_parallel_config`).
+    Caches for a tensor-parallel model hold Hkv / tp heads per rank (`lmforge.infer.cache.cache_config`
+    reads the degree recorded here as `model.tp_degree`).
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -133,15 +134,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
             plan |= {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
                      "feed_forward.w2": RowwiseParallel()}
         parallelize_module(block, tp_mesh, plan)
+    model.tp_degree = tp
     return model
-
-
-def tensor_parallel_config(config, tp: int):
-    """The shapes one rank of a tensor-parallel model attends with (what its KV cache must hold)."""
-    import dataclasses
-
-    return dataclasses.replace(config, n_heads=config.n_heads // tp, n_kv_heads=config.n_kv_heads // tp,
-                               dim=config.dim, head_dim=config.head_dim)
 
 
 def full_model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
