@@ -2,7 +2,8 @@
 
 Every rank builds the same seeded model, computes reference logits with it whole, then shards it with
 `apply_tensor_parallel` and compares: a full forward, a chunked pre-fill into a KV cache holding the rank's
-Hkv / tp heads, and decode steps from that cache. Exits non-zero (an AssertionError) on any mismatch.
+Hkv / tp heads, decode steps from that cache, and the serving engine's greedy tokens and log-probs over a
+paged pool of the rank's heads. Exits non-zero (an AssertionError) on any mismatch.
 """
 
 import sys
@@ -30,6 +31,22 @@ def cached_logits(model, config, tokens, prompt_len):
     return torch.cat(out, dim=1)
 
 
+def engine_scores(model, prompts):
+    """Greedy outputs of the serving engine (paged KV pool of the rank's heads) with their log-probs."""
+    from lmforge.infer.engine import LLMEngine
+    from lmforge.infer.sampling import SamplingParams
+
+    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_batched_tokens=16, max_num_seqs=8)
+    params = SamplingParams(temperature=0, max_new_tokens=6, logprobs=True, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    out = {i: ([], []) for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id][0].extend(o.new_token_ids)
+            out[o.request_id][1].extend(o.new_logprobs)
+    return [out[i] for i in ids]
+
+
 def main(preset: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -41,9 +58,11 @@ def main(preset: str) -> None:
             if "norm" not in name:
                 p.normal_(0, p.shape[-1] ** -0.5)
     tokens = torch.randint(0, config.vocab_size, (2, 21))
+    prompts = [tokens[0, :9].tolist(), tokens[1, :4].tolist(), tokens[1, 3:17].tolist()]
     with torch.no_grad():
         full_ref = model(tokens)
         cached_ref = cached_logits(model, config, tokens, 13)
+        engine_ref = engine_scores(model, prompts)
     tp = dist.get_world_size()
     apply_tensor_parallel(model, init_device_mesh("cpu", (tp,)))
     wq = model.layers[0].attention.wq.weight
@@ -51,6 +70,10 @@ def main(preset: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), full_ref, **TOL)
         torch.testing.assert_close(cached_logits(model, cache_config(model), tokens, 13), cached_ref, **TOL)
+        engine_tp = engine_scores(model, prompts)
+        assert [ids for ids, _ in engine_tp] == [ids for ids, _ in engine_ref]
+        for (_, a), (_, b) in zip(engine_tp, engine_ref):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), **TOL)
     dist.destroy_process_group()
 
 

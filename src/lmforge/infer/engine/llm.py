@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.block_manager import BlockManager
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
 from lmforge.infer.engine.runner import ModelRunner
@@ -99,7 +100,7 @@ class LLMEngine:
         self.model, self.config, self.eos_id = model, model.config, eos_id
         param = next(model.parameters())
         if num_blocks is None:
-            per_block = PagedKVPool.bytes_per_block(self.config, block_size, param.dtype)
+            per_block = PagedKVPool.bytes_per_block(cache_config(model), block_size, param.dtype)
             if param.device.type == "cuda":
                 num_blocks = int(torch.cuda.mem_get_info(param.device)[0] * kv_cache_fraction) // per_block
             else:

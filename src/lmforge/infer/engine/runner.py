@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.paged_attention import PagedAttention, PagedImpl, PagedKVPool, build_metadata
 from lmforge.infer.engine.scheduler import ScheduledChunk
 from lmforge.infer.engine.sequence import Sequence
@@ -28,7 +29,8 @@ class ModelRunner:
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.config, self.block_size, self.impl = model.config, block_size, impl
-        self.pool = PagedKVPool(model.config, num_blocks, block_size, self.device, self.dtype)
+        # cache_config: under tensor parallelism a rank's pool holds only its own kv heads
+        self.pool = PagedKVPool(cache_config(model), num_blocks, block_size, self.device, self.dtype)
 
     @torch.no_grad()
     def forward(self, chunks: list[ScheduledChunk]) -> Tensor:
