@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from lmforge import ModelConfig, Transformer
-from lmforge.models.config import MoEConfig
 from lmforge.train.linear_ce import linear_cross_entropy
 from lmforge.train.losses import chunked_cross_entropy
 from lmforge.train.parallel import ParallelConfig, parallelize
@@ -110,6 +109,7 @@ def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int, 
     tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     mask = torch.ones_like(y, dtype=torch.bool)
+    gc.collect()  # the previous case's model and optimizer, freed when its run_case returned
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -156,9 +156,6 @@ def run_case(case: Case, system: str, device: str, n_warmup: int, n_steps: int, 
         dt = time_steps(step, n_warmup, n_steps, device)
     except torch.OutOfMemoryError:
         return {"case": case.name, "system": system, "error": "out of memory"}
-    finally:
-        del opt, net, model
-        gc.collect()
     tok_s = B * T / dt
     mfu = tok_s * flops_per_token(cfg, T) / PEAK
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
