@@ -74,6 +74,10 @@ class AttentionGroup:
     key_slots: Tensor  # (G, Kmax)
     key_pos: Tensor  # (G, Kmax)
     self_causal: bool = False  # one chunk from position 0 within the window: plain causal over its own keys
+    # The real (non-padding) queries, found once per step on the host so that no layer has to (boolean
+    # indexing on the device would wait for it): row-major flat index into (G * Qmax) and packed index.
+    src: Tensor | None = None  # (R,)
+    dst: Tensor | None = None  # (R,)
 
 
 @dataclass
@@ -123,7 +127,9 @@ def build_metadata(
         assert bool((key_slots[k_valid] >= 0).all()), "a key lies in a freed block"
         first = members[0]
         self_causal = len(members) == 1 and starts[first] == 0 and (window is None or lengths[first] <= window)
-        groups.append(AttentionGroup(*(t.to(device) for t in (q_index, q_pos, key_slots, key_pos)), self_causal))
+        src, dst = q_valid.flatten().nonzero().squeeze(1), q_index[q_valid]
+        tensors = (t.to(device) for t in (q_index, q_pos, key_slots, key_pos))
+        groups.append(AttentionGroup(*tensors, self_causal, src.to(device), dst.to(device)))
     assert bool((slot_mapping >= 0).all()), "a new token has no block"
     return PackedMetadata(positions.to(device), slot_mapping.to(device), groups)
 
@@ -142,6 +148,11 @@ class PagedAttention:
         if impl not in ("reference", "padded"):
             raise ValueError(f"paged attention impl must be 'reference' or 'padded', got {impl!r}")
         self.pool, self.meta, self.window, self.impl = pool, meta, window, impl
+        # one mask per group for the whole step, shared by every layer: (G, 1, Qmax, Kmax)
+        self.masks = [
+            None if g.self_causal or impl != "padded" else allowed_mask(g.q_pos, g.key_pos, window).unsqueeze(1)
+            for g in meta.groups
+        ]
 
     def attend(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (1, H, N, D), k / v (1, Hkv, N, D) -> (1, H, N, D)."""
@@ -150,7 +161,7 @@ class PagedAttention:
         vp.index_copy_(0, self.meta.slot_mapping, v[0].transpose(0, 1))
         if self.impl == "reference":
             return _reference(q, kp, vp, self.meta, self.window)
-        return _padded(q, k, v, kp, vp, self.meta, self.window)
+        return _padded(q, k, v, kp, vp, self.meta, self.masks)
 
 
 def _reference(q: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, window: int | None) -> Tensor:
@@ -172,20 +183,18 @@ def _reference(q: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, window: int
     return reference_attention(q, keys, values, mask)  # (1, H, N, D)
 
 
-def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, window: int | None) -> Tensor:
+def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, masks: list) -> Tensor:
     """Per group, batched SDPA: queries (G, H, Qmax, D) over gathered keys (G, Hkv, Kmax, D)."""
     out = torch.empty_like(q[0].transpose(0, 1))  # (N, H, D)
-    for g in m.groups:
+    for g, mask in zip(m.groups, masks):
         if g.self_causal:  # the chunk's own keys, in order: packed indices q_index[0] = [a, a + n)
             idx = g.q_index[0]
             res = sdpa_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], is_causal=True)  # (1, H, n, D)
             out[idx] = res[0].transpose(0, 1)
             continue
-        q_valid = g.q_pos >= 0  # (G, Qmax)
         qs = q[0][:, g.q_index].permute(1, 0, 2, 3)  # (H, G, Qmax, D) -> (G, H, Qmax, D)
         keys = kp[g.key_slots].permute(0, 2, 1, 3)  # (G, Kmax, Hkv, D) -> (G, Hkv, Kmax, D)
         values = vp[g.key_slots].permute(0, 2, 1, 3)
-        mask = allowed_mask(g.q_pos, g.key_pos, window).unsqueeze(1)  # (G, 1, Qmax, Kmax)
         G, H, Qmax, D = qs.shape
         Hkv = keys.shape[1]
         if Qmax == 1 and H != Hkv:
@@ -197,7 +206,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMe
         else:
             # NOTE: a padding query row has no allowed key and may come back NaN; it is dropped right below.
             res = sdpa_attention(qs, keys, values, mask=mask)  # (G, H, Qmax, D)
-        out[g.q_index[q_valid]] = res.transpose(1, 2)[q_valid]  # (G, Qmax, H, D) -> (real queries, H, D)
+        out[g.dst] = res.transpose(1, 2).reshape(G * Qmax, H, D)[g.src]  # real queries only, no host sync
     return out.transpose(0, 1)[None]  # (1, H, N, D)
 
 
