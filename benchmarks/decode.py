@@ -39,7 +39,7 @@ import torch
 from lmforge import ModelConfig, Transformer
 from lmforge.infer.cache import make_cache
 from lmforge.infer.decode_step import DecodeStep
-from lmforge.infer.generate import _left_pad, prefill
+from lmforge.infer.generate import _left_pad, prefill, to_host_later
 from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
 
 
@@ -96,7 +96,7 @@ def lmforge_decode(model: Transformer, prompt: list[int], n_new: int, mode: str,
         batch = SamplingBatch([greedy], [prompt], model.config.vocab_size, device)
         logits = prefill(model, cache, tokens, positions, len(prompt))
         out = sample(logits, batch).tokens
-        ids = out.tolist()
+        ids = []
         if device.type == "cuda":
             marks["decode_start"] = torch.cuda.Event(enable_timing=True)
             marks["decode_start"].record()
@@ -104,10 +104,13 @@ def lmforge_decode(model: Transformer, prompt: list[int], n_new: int, mode: str,
             marks["decode_start"] = time.perf_counter()
         pos = torch.tensor([[len(prompt)]], device=device)
         for _ in range(n_new - 1):
+            # as in generate(): the next step is queued before the host waits for this token
+            fetched = to_host_later([out])
             logits = step(out[:, None], pos)
             pos += 1
             out = sample(logits, batch).tokens
-            ids += out.tolist()  # the one host sync per token, as in generate()
+            ids += fetched()[0]
+        ids += out.tolist()
         if device.type == "cuda":
             marks["decode_end"] = torch.cuda.Event(enable_timing=True)
             marks["decode_end"].record()

@@ -62,6 +62,21 @@ def test_full_attention_model_stops_at_its_context():
     assert [r.finish_reason for r in results] == ["length", "length"]
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-swa"])
+def test_rows_that_finish_early_do_not_disturb_the_others(preset):
+    """Generation runs one decode step ahead of the host: a row that finishes must go on feeding its last
+    position (inside the cache, even at a full context) and leave the other rows' logits untouched."""
+    model = tiny_model(preset, max_seq_len=24)
+    prompts = _prompts([20, 5, 9], seed=4)
+    params = [SamplingParams(temperature=0, max_new_tokens=n, logprobs=True) for n in (4, 15, 2)]
+    results = generate(model, None, prompts, params)
+    assert [len(r.token_ids) for r in results] == [4, 15, 2]
+    for prompt, p, r in zip(prompts, params, results):
+        (alone,) = generate(model, None, [prompt], p)
+        assert alone.token_ids == r.token_ids
+        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(alone.logprobs), rtol=1e-5, atol=1e-5)
+
+
 def test_stop_tokens_and_eos_end_a_sequence():
     model = tiny_model("tiny")
     prompt = _prompts([6], seed=4)[0]

@@ -17,6 +17,7 @@ sliding-window model has no context limit here: the rolling buffer serves any le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
@@ -177,9 +178,14 @@ def generate_stream(
 
     while True:
         out = sample(logits[:, :n_vocab], batch)
-        ids = out.tokens.tolist()  # the one host sync per step
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top = list(zip(out.top_ids.tolist(), out.top_logprobs.tolist())) if out.top_ids is not None else None
+        fetched = to_host_later([out.tokens, out.logprobs, out.top_ids, out.top_logprobs])
+        # NOTE: the next decode step is launched before this step's tokens reach the host, so the device
+        # computes while the host checks stops and streams text. Rows that turn out finished have their
+        # position advance undone below; when every row has finished, that one step is wasted.
+        next_logits = step(out.tokens[:, None], pos)
+        pos += advance
+        ids, logprobs, top_ids, top_logprobs = fetched()  # the one wait for the device per step
+        top = list(zip(top_ids, top_logprobs)) if top_ids is not None else None
         newly_finished = False
         for b in range(B):
             if finished[b]:
@@ -207,9 +213,26 @@ def generate_stream(
         if all(finished):
             return
         if newly_finished:
-            advance.copy_(torch.tensor([[0] if f else [1] for f in finished]))
-        logits = step(out.tokens[:, None], pos)
-        pos += advance
+            still = torch.tensor([[0] if f else [1] for f in finished], device=device)
+            pos -= advance - still  # a row that just finished keeps feeding its last position, as it was fed
+            advance.copy_(still)
+        logits = next_logits
+
+
+def to_host_later(tensors: list[Tensor | None]) -> Callable[[], list[list | None]]:
+    """Start copying device tensors to the host without waiting; the returned function waits for the copies
+    (not for work queued after them) and gives their `.tolist()` (None stays None)."""
+    if tensors[0] is None or not tensors[0].is_cuda:
+        return lambda: [t.tolist() if t is not None else None for t in tensors]
+    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]  # pinned destinations
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[list | None]:
+        copied.synchronize()
+        return [h.tolist() if h is not None else None for h in host]
+
+    return wait
 
 
 def generate(
