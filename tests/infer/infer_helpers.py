@@ -8,6 +8,8 @@ import functools
 
 import torch
 
+from helpers import unit_scale_
+
 from lmforge import ModelConfig, Transformer
 
 
@@ -16,13 +18,7 @@ def tiny_model(preset: str = "tiny", **overrides) -> Transformer:
     """A cached random model; tests must not modify it."""
     torch.manual_seed(1234)
     model = Transformer(ModelConfig.from_name(preset, **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return model.eval()
+    return unit_scale_(model).eval()
 
 
 def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, tol: float = 1e-5) -> None:

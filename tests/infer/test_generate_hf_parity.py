@@ -8,6 +8,8 @@ the two continuations then condition on different tokens."""
 import pytest
 import torch
 
+from helpers import unit_scale_
+
 transformers = pytest.importorskip("transformers")
 
 from lmforge.infer.generate import generate  # noqa: E402
@@ -34,9 +36,7 @@ def _hf_model(family):
 def test_greedy_tokens_agree_with_transformers(family, tmp_path):
     torch.manual_seed(0)
     hf = _hf_model(family)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():  # unit-ish scale, as in tests/models/test_hf_parity.py
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, p.shape[-1] ** -0.5)
+    unit_scale_(hf)
     hf.save_pretrained(tmp_path / "hf")
     hf = type(hf).from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ours = load_model(tmp_path / "hf").eval()

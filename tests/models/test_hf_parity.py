@@ -6,6 +6,8 @@ import logging
 import pytest
 import torch
 
+from helpers import unit_scale_
+
 transformers = pytest.importorskip("transformers")
 
 from lmforge.models.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
@@ -16,14 +18,7 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights of unit-ish scale everywhere, so that a wrong permutation or name cannot hide in tiny values."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return model.eval()
+    return unit_scale_(model).eval()
 
 
 def _hf_model(family: str):

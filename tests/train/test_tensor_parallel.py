@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import unit_scale_
+
 from lmforge import ModelConfig, Transformer
 from lmforge.train.parallel import apply_tensor_parallel
 
@@ -18,7 +20,9 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "tiny-swa", "tiny-moe"])
 def test_tensor_parallel_logits_equal_single_process(preset):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the worker imports `helpers` from tests/, which pytest (not torchrun) puts on sys.path
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), preset],
         env=env, capture_output=True, text=True, timeout=300,
@@ -46,11 +50,7 @@ def test_generate_with_tensor_parallel_equals_one_process(tokenizer_512, tmp_pat
     from lmforge.models.checkpoint import save_model
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("tiny-swa"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    model = unit_scale_(Transformer(ModelConfig.from_name("tiny-swa")), norms=False)
     save_model(model, tmp_path / "model", tokenizer_path=tokenizer_512)
     (tmp_path / "prompts.txt").write_text("abc def ghi\nthe quick brown fox jumps over\nxy\n")
     args = ["generate", str(tmp_path / "model"), "--prompt_file", str(tmp_path / "prompts.txt"), "--format", "jsonl",

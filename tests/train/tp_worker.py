@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from helpers import unit_scale_
+
 from lmforge import ModelConfig, Transformer
 from lmforge.infer.cache import cache_config, make_cache
 from lmforge.train.parallel import apply_tensor_parallel
@@ -52,11 +54,7 @@ def main(preset: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = ModelConfig.from_name(preset)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # unit-scale weights, so 1e-5 is a relative tolerance
-            if "norm" not in name:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    model = unit_scale_(Transformer(config).eval(), norms=False)  # unit scale: 1e-5 is a relative tolerance
     tokens = torch.randint(0, config.vocab_size, (2, 21))
     prompts = [tokens[0, :9].tolist(), tokens[1, :4].tolist(), tokens[1, 3:17].tolist()]
     with torch.no_grad():

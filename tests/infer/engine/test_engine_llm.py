@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_helpers import forced_logits, random_seq
+from helpers import unit_scale_
 from infer_helpers import assert_logits_close, cached_logits, full_logits, tiny_model
 from lmforge import ModelConfig, Transformer
 from lmforge.infer.engine import LLMEngine, RefusalReason, RequestRefused
@@ -23,11 +24,7 @@ def _engine(model, **kw):
 def _random_model(config, seed):
     """Like infer_helpers.tiny_model: unit-scale weights, so that a wrong key shows far above 1e-5."""
     torch.manual_seed(seed)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, p.shape[-1] ** -0.5)
-    return model
+    return unit_scale_(Transformer(config).eval())
 
 
 def _mixed(n_seqs=7, seed=0):

@@ -1,0 +1,17 @@
+"""Helpers shared by tests in several folders (importable as `helpers`: pyproject puts tests/ on sys.path)."""
+
+import torch
+
+
+@torch.no_grad()
+def unit_scale_(model: torch.nn.Module, norms: bool = True) -> torch.nn.Module:
+    """Random weights of unit scale, in place: normal(0, fan_in^-0.5) for matrices and embeddings, and (with
+    `norms`) uniform(0.5, 1.5) for norm gains. Activations and logits are then O(1), so a wrong name,
+    permutation or mask shows far above a 1e-5 tolerance instead of hiding in tiny values."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            if norms:
+                p.uniform_(0.5, 1.5)
+        else:
+            p.normal_(0, p.shape[-1] ** -0.5)
+    return model
