@@ -28,7 +28,7 @@ import torch
 from lmforge import ModelConfig, Transformer
 from lmforge.train.linear_ce import linear_cross_entropy
 from lmforge.train.losses import chunked_cross_entropy
-from lmforge.train.parallel import ParallelConfig, parallelize
+from lmforge.parallel import ParallelConfig, parallelize
 
 PEAK = 989e12
 

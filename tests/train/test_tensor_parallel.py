@@ -12,7 +12,7 @@ import pytest
 from helpers import unit_scale_
 
 from lmforge import ModelConfig, Transformer
-from lmforge.train.parallel import apply_tensor_parallel
+from lmforge.parallel import apply_tensor_parallel
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 

@@ -16,7 +16,7 @@ from helpers import unit_scale_
 
 from lmforge import ModelConfig, Transformer
 from lmforge.infer.cache import cache_config, make_cache
-from lmforge.train.parallel import apply_tensor_parallel
+from lmforge.parallel import apply_tensor_parallel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

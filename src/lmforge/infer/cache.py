@@ -224,7 +224,7 @@ class PrefillView:
 
 def cache_config(model) -> ModelConfig:
     """The shapes a cache for `model` holds: its config, or under tensor parallelism the heads of one rank
-    (`lmforge.train.parallel.apply_tensor_parallel` records the degree as `model.tp_degree`)."""
+    (`lmforge.parallel.apply_tensor_parallel` records the degree as `model.tp_degree`)."""
     import dataclasses
 
     tp = getattr(model, "tp_degree", 1)

@@ -164,7 +164,7 @@ def _join_tensor_parallel(tp: int, device: str | None) -> int:
         return 0
     if tp < 1:
         raise GenerationError(f"tensor_parallel must be >= 1, got {tp}")
-    from lmforge.train.parallel import init_distributed
+    from lmforge.parallel import init_distributed
 
     device_type = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     rank, world = init_distributed(device_type)
@@ -179,7 +179,7 @@ def _shard(net, tp: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lmforge.train.parallel import apply_tensor_parallel
+    from lmforge.parallel import apply_tensor_parallel
 
     device = next(net.parameters()).device
     apply_tensor_parallel(net, init_device_mesh(device.type, (tp,)))

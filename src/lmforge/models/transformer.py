@@ -85,7 +85,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         # NOTE: head counts are read off the shapes (-1), not the config: under tensor parallelism each rank
-        # holds H / tp query and Hkv / tp key/value heads (lmforge.train.parallel.apply_tensor_parallel).
+        # holds H / tp query and Hkv / tp key/value heads (lmforge.parallel.apply_tensor_parallel).
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)

@@ -38,7 +38,7 @@ from lmforge.train.linear_ce import linear_cross_entropy
 from lmforge.train.losses import global_target_tokens
 from lmforge.train.metrics import MetricsLogger, SpikeDetector, flops_per_token, peak_flops
 from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
-from lmforge.train.parallel import ParallelConfig, full_model_state_dict, init_distributed, parallelize
+from lmforge.parallel import ParallelConfig, full_model_state_dict, init_distributed, parallelize
 from lmforge.train.runinfo import to_plain, write_run_info
 
 

@@ -1,4 +1,5 @@
-"""Parallelism, applied from outside the model, in one place and a fixed order (STYLE.md item 11).
+"""Parallelism, applied from outside the model, in one place and a fixed order (STYLE.md item 11). Training
+(`lmforge pretrain`) and inference (`lmforge generate --tensor_parallel`) both use it, so it sits beside them.
 
     activation checkpointing  ->  torch.compile per block  ->  FSDP2 per block, then the root   (or DDP)
 
