@@ -15,6 +15,7 @@ and the optimizer keeps fp32 master weights. DDP keeps a full replica per rank a
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,7 +53,8 @@ class ParallelConfig:
 def init_distributed(device_type: str) -> tuple[int, int]:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR...); (rank, world size).
 
-    Backend: NCCL for CUDA, gloo for the CPU. A single process without torchrun stays un-initialised.
+    Backend: NCCL for CUDA, gloo for the CPU. A single process without torchrun stays un-initialised. A group
+    made here is destroyed when the process exits.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -62,7 +64,16 @@ def init_distributed(device_type: str) -> tuple[int, int]:
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    # NOTE: a process that exits with its group alive can abort in gloo's thread destructors ("terminate
+    # called without an active exception", SIGABRT) -- seen when rank 1 finished while rank 0 still wrote the
+    # model -- so the group is torn down before the interpreter's own teardown.
+    atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -> nn.Module:
