@@ -1,7 +1,14 @@
 """Parallelism, applied from outside the model, in one place and a fixed order (STYLE.md item 11). Training
 (`lmforge pretrain`) and inference (`lmforge generate --tensor_parallel`) both use it, so it sits beside them.
 
-    activation checkpointing  ->  torch.compile per block  ->  FSDP2 per block, then the root   (or DDP)
+    tensor parallelism  ->  activation checkpointing  ->  torch.compile per block  ->  FSDP2 per block, root
+                                                                                       (or DDP instead of FSDP2)
+
+The processes form a 2-D mesh (dp, tp): tensor parallelism splits each block's weights over the tp ranks
+(apply_tensor_parallel), FSDP2 shards everything over the dp ranks, and the data loader hands each dp rank its
+own batch (all tp ranks of one dp rank read the same one). Worked example, 4 processes, tensor_parallel 2:
+mesh [[0, 1], [2, 3]]; ranks 0 and 1 split the block weights of dp shard 0 and read batch 0, ranks 2 and 3
+those of shard 1 and batch 1.
 
 The model code stays single-device: this file wraps its blocks. Launch several processes with torchrun (one
 per GPU, or CPU processes with gloo); `init_distributed()` reads torchrun's environment.
@@ -24,8 +31,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
+from torch import Tensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from lmforge.models.transformer import Transformer
 
@@ -42,12 +51,16 @@ class ParallelConfig:
         activation_checkpointing: "none"; "full" recomputes every block in the backward pass; "selective"
             recomputes every other block (half the memory saving for a quarter of the extra compute).
         compile: torch.compile each transformer block (and the loss chunk) before sharding.
+        tensor_parallel: Ranks that split each block's weights (Megatron-style, through DTensor); must divide
+            the number of processes, which are then tensor_parallel-way model parallel and
+            (processes / tensor_parallel)-way data parallel. Combines with FSDP2, not with DDP.
     """
 
     mode: Literal["auto", "fsdp", "ddp", "none"] = "auto"
     param_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
+    tensor_parallel: int = 1
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:
@@ -76,13 +89,49 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -> nn.Module:
-    """Apply activation checkpointing, compile and data parallelism to `model` in place; returns the module
-    to call (the model itself, or its DDP wrapper)."""
+@dataclass
+class DataParallelRank:
+    """Where this process reads data and with whom it sums losses: its rank among the dp ranks, their number,
+    and their process group (None: the whole world, or no process group at all)."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+
+def training_mesh(device: torch.device, tensor_parallel: int) -> DeviceMesh | None:
+    """The (dp, tp) mesh over all processes (module docstring), or None for a single process."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    mode = cfg.mode if cfg.mode != "auto" else ("fsdp" if world_size > 1 else "none")
-    if mode != "none" and world_size == 1 and not dist.is_initialized():
+    if tensor_parallel < 1 or world_size % tensor_parallel:
+        raise ValueError(f"parallel.tensor_parallel ({tensor_parallel}) must divide the number of processes "
+                         f"({world_size})")
+    if world_size == 1:
+        return None
+    # NOTE: an explicit mesh on the training device; fully_shard's default mesh takes CUDA whenever CUDA
+    # exists, which breaks CPU (gloo) training on a machine with fewer GPUs than ranks.
+    return init_device_mesh(device.type, (world_size // tensor_parallel, tensor_parallel), mesh_dim_names=("dp", "tp"))
+
+
+def data_parallel_rank(mesh: DeviceMesh | None) -> DataParallelRank:
+    if mesh is None:
+        return DataParallelRank()
+    dp = mesh["dp"]
+    return DataParallelRank(dp.get_local_rank(), dp.size(), dp.get_group())
+
+
+def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device, mesh: DeviceMesh | None = None
+                ) -> nn.Module:
+    """Apply tensor parallelism, activation checkpointing, compile and data parallelism to `model` in place,
+    over `mesh` (`training_mesh`; None: one process); returns the module to call (the model itself, or its DDP
+    wrapper)."""
+    dp_size = mesh["dp"].size() if mesh is not None else 1
+    mode = cfg.mode if cfg.mode != "auto" else ("fsdp" if dp_size > 1 else "none")
+    if mode != "none" and mesh is None:
         raise ValueError(f"parallel.mode={mode!r} needs a process group: launch with torchrun")
+    if cfg.tensor_parallel > 1:
+        if mode == "ddp":
+            raise ValueError("tensor parallelism combines with parallel.mode fsdp (or none), not ddp")
+        apply_tensor_parallel(model, mesh["tp"])
 
     blocks: nn.ModuleList = model.layers
     for i, block in enumerate(blocks):
@@ -95,25 +144,21 @@ def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device) -
             block.compile(fullgraph=model.config.moe is None)  # in place: names stay unchanged too
 
     if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # NOTE: an explicit mesh on the training device; fully_shard's default mesh takes CUDA whenever CUDA
-        # exists, which breaks CPU (gloo) training on a machine with fewer GPUs than ranks.
-        mesh = init_device_mesh(device.type, (world_size,))
         param_dtype = _param_dtype(cfg.param_dtype, device)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for i, block in enumerate(blocks):
             # NOTE: the last block is not resharded after forward: backward needs it first, so re-gathering
             # it at once would only add communication.
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh["dp"], mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(model, mesh=mesh["dp"], mp_policy=mp)
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, process_group=mesh["dp"].get_group())
     return model
 
 
@@ -148,6 +193,30 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
         parallelize_module(block, tp_mesh, plan)
     model.tp_degree = tp
     return model
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Scale the gradients so that their global 2-norm is at most `max_norm`; returns the norm before clipping.
+
+    torch.nn.utils.clip_grad_norm_ stacks per-parameter norms, which fails when gradients are DTensors on
+    different meshes, as under tensor parallelism + FSDP2: block weights live on the (dp, tp) mesh, the
+    replicated embeddings and norms on dp alone. So: one norm per mesh (a DTensor norm reduced over its mesh;
+    a plain tensor's is local, and the same on every rank that holds a replica), then the norm of those norms.
+    """
+    by_mesh: dict[object, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def full_model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

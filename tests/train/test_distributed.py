@@ -93,3 +93,33 @@ def test_sharded_checkpoint_resumes_in_one_and_two_processes(fsdp_run, masked_to
 def test_activation_checkpointing_does_not_change_the_losses(policy, masked_token_data, single_process, tmp_path):
     main(_args(masked_token_data, tmp_path / "run", *STEPS, "--parallel.activation_checkpointing", policy))
     assert _losses(tmp_path / "run") == pytest.approx(single_process, rel=1e-6)
+
+
+def _grad_norms(run_dir):
+    return [r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl") if "grad_norm" in r]
+
+
+def test_tensor_parallel_training_equals_one_process(masked_token_data, single_process, tmp_path):
+    """2 tensor-parallel ranks (one data-parallel rank): the same losses and gradient norms as one process,
+    the final model's full state equals the one-process model's, and the (DTensor-sharded) checkpoint of
+    step 2 resumes in one plain process on the same curve."""
+    import torch
+
+    from lmforge.models.checkpoint import load_model
+
+    run = tmp_path / "tp"
+    _torchrun(_args(masked_token_data, run, *STEPS, "--parallel.tensor_parallel", "2"))
+    assert _losses(run) == pytest.approx(single_process, rel=1e-5)
+    main(_args(masked_token_data, tmp_path / "single", *STEPS))
+    assert _grad_norms(run) == pytest.approx(_grad_norms(tmp_path / "single"), rel=1e-5)
+    a, b = load_model(run / "model"), load_model(tmp_path / "single" / "model")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+    main(_args(masked_token_data, tmp_path / "one", *STEPS, "--run.resume", str(run / "checkpoints" / "step_000002")))
+    assert _losses(tmp_path / "one") == pytest.approx(single_process[2:], rel=1e-5)
+
+
+def test_tensor_parallel_with_fsdp_equals_one_process(masked_token_data, single_process, tmp_path):
+    """4 processes as a (dp 2, tp 2) mesh: FSDP2 over dp, tensor parallelism over tp; the one-process losses."""
+    _torchrun(_args(masked_token_data, tmp_path / "run", *STEPS, "--parallel.tensor_parallel", "2"), nproc=4)
+    assert _losses(tmp_path / "run") == pytest.approx(single_process, rel=1e-5)

@@ -44,8 +44,9 @@ class TrainConfig:
     Attributes:
         steps: Optimizer steps of the whole run (Llama 2: 2T tokens / 4M tokens a step = about 477k).
         global_batch_tokens: Tokens per optimizer step over all ranks and micro-batches (Llama 2: 4M =
-            1024 sequences of 4096). Must be a multiple of micro_batch_size * seq_len * world_size; the
-            quotient is the number of gradient-accumulation micro-batches.
+            1024 sequences of 4096). Must be a multiple of micro_batch_size * seq_len * dp_size (dp_size:
+            processes / parallel.tensor_parallel); the quotient is the number of gradient-accumulation
+            micro-batches.
         micro_batch_size: Sequences per forward pass on one rank.
         seq_len: Tokens per training sequence (Llama 2: 4096); at most model.max_seq_len.
         seed: Seed of parameter initialisation and data order.
@@ -80,19 +81,19 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
-    def grad_accum_steps(self, world_size: int) -> int:
+    def grad_accum_steps(self, dp_size: int) -> int:
         """Micro-batches per optimizer step on each rank:
-        global_batch_tokens / (micro_batch_size * seq_len * world_size).
+        global_batch_tokens / (micro_batch_size * seq_len * dp_size), dp_size the number of data-parallel ranks.
 
         Worked example: 4,194,304 tokens, micro-batch 2 of 4096 tokens, 64 ranks -> 4,194,304 / 524,288 = 8.
         """
-        per_pass = self.micro_batch_size * self.seq_len * world_size
+        per_pass = self.micro_batch_size * self.seq_len * dp_size
         if self.global_batch_tokens % per_pass != 0:
             lower = max(per_pass, self.global_batch_tokens // per_pass * per_pass)
             raise TrainConfigError(
                 f"train.global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
-                f"micro_batch_size * seq_len * world_size = {self.micro_batch_size} * {self.seq_len} * "
-                f"{world_size} = {per_pass} tokens; nearest valid values: {lower} or {lower + per_pass}"
+                f"micro_batch_size * seq_len * data-parallel ranks = {self.micro_batch_size} * {self.seq_len} * "
+                f"{dp_size} = {per_pass} tokens; nearest valid values: {lower} or {lower + per_pass}"
             )
         return self.global_batch_tokens // per_pass
 

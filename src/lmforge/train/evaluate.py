@@ -41,8 +41,10 @@ def evaluate_loss(
     precision: str = "auto",
     loss_chunk: int = 2048,
     document_masking: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[float, int]:
-    """(mean loss, number of target tokens) of `model` over `batches` (loader `Batch`es), summed over ranks."""
+    """(mean loss, number of target tokens) of `model` over `batches` (loader `Batch`es), summed over the
+    ranks of `group` (default: all; under tensor parallelism, the data-parallel ranks)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float32, device=device)
@@ -56,8 +58,8 @@ def evaluate_loss(
             total += chunked_cross_entropy(hidden, model.output.weight, targets, mask, loss_chunk)
         count += mask.sum()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        dist.all_reduce(count)
+        dist.all_reduce(total, group=group)
+        dist.all_reduce(count, group=group)
     model.train(was_training)
     n = int(count.item())
     return (total.item() / n if n else math.nan), n

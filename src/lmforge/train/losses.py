@@ -61,12 +61,13 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask:
     return total
 
 
-def global_target_tokens(masks: list[Tensor]) -> Tensor:
-    """Number of target tokens in the global batch: this rank's micro-batch masks, summed over all ranks.
+def global_target_tokens(masks: list[Tensor], group: dist.ProcessGroup | None = None) -> Tensor:
+    """Number of target tokens in the global batch: this rank's micro-batch masks, summed over the ranks of
+    `group` (default: all; under tensor parallelism, the data-parallel ranks, which read different batches).
 
     masks: the (B, T) bool loss masks of every micro-batch of this step on this rank -> int64 scalar.
     """
     count = sum(m.sum(dtype=torch.int64) for m in masks)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return count

@@ -3,8 +3,8 @@
 One optimizer step (REFERENCE.md section 3; losses.py for the normalisation):
 
     batches  = accum micro-batches of micro_batch_size x seq_len tokens from the packed loader
-    n_tokens = target tokens in all of them, summed over ranks            (counted before any backward)
-    for each micro-batch:  (CE_sum * world_size / n_tokens + router_aux / accum).backward()
+    n_tokens = target tokens in all of them, summed over dp ranks         (counted before any backward)
+    for each micro-batch:  (CE_sum * dp_size / n_tokens + router_aux / accum).backward()
     clip the global gradient norm to 1.0; stop if the loss or the norm is not finite
     AdamW step; lr for the next step from the warm-up + cosine schedule
 
@@ -38,7 +38,15 @@ from lmforge.train.linear_ce import linear_cross_entropy
 from lmforge.train.losses import global_target_tokens
 from lmforge.train.metrics import MetricsLogger, SpikeDetector, flops_per_token, peak_flops
 from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
-from lmforge.parallel import ParallelConfig, full_model_state_dict, init_distributed, parallelize
+from lmforge.parallel import (
+    ParallelConfig,
+    clip_grad_norm_,
+    data_parallel_rank,
+    full_model_state_dict,
+    init_distributed,
+    parallelize,
+    training_mesh,
+)
 from lmforge.train.runinfo import to_plain, write_run_info
 
 
@@ -81,7 +89,9 @@ def pretrain(
     rank, world_size = init_distributed(device.type)  # (0, 1) without torchrun
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    accum = train.grad_accum_steps(world_size)
+    mesh = training_mesh(device, parallel.tensor_parallel)  # (dp, tp) ranks; None for one process
+    dp = data_parallel_rank(mesh)  # which batch this rank reads; tp ranks of one dp rank read the same
+    accum = train.grad_accum_steps(dp.size)
     if data.dir is None:
         raise TrainConfigError("data.dir is required: a folder written by `lmforge data prepare`")
     if train.threads is not None:
@@ -96,7 +106,7 @@ def pretrain(
     net = _build_model(model, preset, init_from, device)
     # `train_net` is what the loop calls: `net` itself (FSDP2 shards it in place) or its DDP wrapper.
     # `net` keeps the Transformer's attributes (config, output projection) and serves evaluation.
-    train_net = parallelize(net, parallel, device)
+    train_net = parallelize(net, parallel, device, mesh)
     manifest = read_manifest(data.dir)
     check_vocabulary(manifest, net.config.vocab_size, data.dir)
     if train.seq_len > net.config.max_seq_len:
@@ -104,7 +114,7 @@ def pretrain(
     optimizer = build_optimizer(net, optim)
     scheduler = build_scheduler(optimizer, optim, train.steps)
     loader = PackedLoader(data.dir, split=data.train_split, seq_len=train.seq_len, batch_size=train.micro_batch_size,
-                          rank=rank, world_size=world_size, seed=train.seed)
+                          rank=dp.rank, world_size=dp.size, seed=train.seed)
 
     # ---- run folder; resume -------------------------------------------------------------------------
     run_dir = Path(run.dir)
@@ -130,10 +140,10 @@ def pretrain(
         if data.val_split is None or run.eval_every == 0:
             return
         val = PackedLoader(data.dir, split=data.val_split, seq_len=train.seq_len, batch_size=train.micro_batch_size,
-                           rank=rank, world_size=world_size, shuffle=False)
+                           rank=dp.rank, world_size=dp.size, shuffle=False)
         loss, n = evaluate_loss(net, split_batches(val, run.eval_batches), device=device,
                                 precision=train.precision, loss_chunk=train.loss_chunk,
-                                document_masking=data.document_masking)
+                                document_masking=data.document_masking, group=dp.group)
         logger.log(at_step, {"val/loss": loss, "val/perplexity": perplexity(loss), "val/tokens": n})
         tqdm.write(f"[step {at_step}] validation loss {loss:.4f}, perplexity {perplexity(loss):.2f} ({n} tokens)")
 
@@ -155,7 +165,7 @@ def pretrain(
             # Count every target token of the global batch first, so each micro-batch's loss can be divided
             # by the same number and the accumulated gradient is the gradient of the global mean (losses.py).
             # (clamped: a global batch without a single target, possible with loss masks, then trains nothing)
-            n_tokens = global_target_tokens([b.loss_mask.to(device) for b in batches]).clamp(min=1)
+            n_tokens = global_target_tokens([b.loss_mask.to(device) for b in batches], dp.group).clamp(min=1)
             loss_sum = torch.zeros((), device=device)
             aux = torch.zeros(2, device=device)  # load-balance, z-loss; mean over micro-batches
             for batch in batches:
@@ -167,16 +177,16 @@ def pretrain(
                     ce_sum = linear_cross_entropy(hidden, net.output.weight, targets, mask, train.loss_chunk)
                 if train.debug_nan_at_step == step + 1:
                     ce_sum = ce_sum * math.nan  # the test hook of the non-finite stop
-                # NOTE: data-parallel wrappers average gradients over ranks; * world_size undoes that, so the
-                # gradient is of sum / n_tokens with n_tokens counted over all ranks.
-                objective = ce_sum * world_size / n_tokens + router.total / accum
+                # NOTE: data-parallel wrappers average gradients over dp ranks; * dp.size undoes that, so the
+                # gradient is of sum / n_tokens with n_tokens counted over all dp ranks.
+                objective = ce_sum * dp.size / n_tokens + router.total / accum
                 objective.backward()
                 loss_sum += ce_sum.detach()
                 aux += torch.stack([router.load_balance.detach(), router.z_loss.detach()]) / accum
-            if world_size > 1:
-                dist.all_reduce(loss_sum)
+            if dp.size > 1:
+                dist.all_reduce(loss_sum, group=dp.group)
             max_norm = optim.grad_clip if optim.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            grad_norm = clip_grad_norm_(params, max_norm).item()
             loss = (loss_sum / n_tokens).item()
 
             # Safety net: a non-finite loss or gradient norm stops before the update, so the parameters and
