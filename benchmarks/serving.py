@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--attention", default="padded", choices=["padded", "reference"])
+    ap.add_argument("--decode-paths", default=None,
+                    help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph (default: "
+                         "cuda_graph on CUDA, packed on the CPU); (b) uses the first")
     args = ap.parse_args(argv)
     quick, only = args.quick, set(args.only.split(","))
     device = "cpu" if quick or not torch.cuda.is_available() else "cuda"
@@ -193,8 +196,9 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
 
     bw = copy_bandwidth(device, (1 << 24) if quick else (1 << 31))
     emit({"case": "copy_bandwidth", "device": device, "GB_per_s": round(bw / 1e9, 1)})
+    paths = (args.decode_paths or ("cuda_graph" if device == "cuda" else "packed")).split(",")
     engine_kw = dict(block_size=16, max_num_batched_tokens=256 if quick else 4096, max_num_seqs=64 if quick else 256,
-                     attention=args.attention)
+                     attention=args.attention, decode_path=paths[0])
     if quick:
         engine_kw["num_blocks"] = 512
 
@@ -204,20 +208,23 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         model = build_model(config, device, dtype)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, config.vocab_size, (P,), generator=g).tolist() for _ in range(B)]
-        engine = LLMEngine(model, **engine_kw)
-        drive(engine, prompts[:4], [4] * 4, None)  # warm-up
-        res = drive(engine, prompts, [O] * B, None)
         weight_bytes = sum(  # every weight is read each step, except the embedding (B rows of it)
             p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight"
         )
         kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype.itemsize
         step_bytes = weight_bytes + B * (P + O / 2) * kv_per_token  # at the mean context of the decode phase
         limit = B / (step_bytes / bw)
-        res.update(case="a", config="tiny" if quick else "llama2-7b", batch=B, prompt=P, output=O,
-                   bandwidth_limit_tok_per_s=round(limit, 1),
-                   fraction_of_limit=round(res["decode_tok_per_s"] / limit, 3) if res["decode_tok_per_s"] else None)
-        emit(res)
-        del engine, model
+        for path in paths:
+            engine = LLMEngine(model, **(engine_kw | {"decode_path": path}))
+            drive(engine, prompts[:4], [4] * 4, None)  # warm-up
+            res = drive(engine, prompts, [O] * B, None)
+            res.update(case="a", config="tiny" if quick else "llama2-7b", decode_path=path, batch=B, prompt=P,
+                       output=O, bandwidth_limit_tok_per_s=round(limit, 1),
+                       fraction_of_limit=round(res["decode_tok_per_s"] / limit, 3) if res["decode_tok_per_s"] else None)
+            emit(res)
+            del engine
+            free(device)
+        del model
         free(device)
         if not args.no_hf:
             hf = hf_generate(config, device, dtype, prompts, [O] * B, B)
@@ -239,7 +246,8 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         rates = [None] + [float(r) for r in args.rates.split(",") if r]
         for rate in ([None, 50.0] if quick else rates):
             res = drive(engine, prompts, O, rate)
-            res.update(case="b", config="tiny-swa" if quick else "mistral-7b", prompt_mean=round(statistics.mean(P), 1),
+            res.update(case="b", config="tiny-swa" if quick else "mistral-7b", decode_path=paths[0],
+                       prompt_mean=round(statistics.mean(P), 1),
                        output_mean=round(statistics.mean(O), 1))
             emit(res)
         del engine, model

@@ -4,6 +4,7 @@
     block_manager.py    blocks, reference counts, block tables, prefix sharing, sliding-window freeing
     scheduler.py        one token budget per step; admission, preemption by recompute, abort
     paged_attention.py  the pool and attention over it for a packed batch (KVCache protocol)
+    decode_graphs.py    decode-only steps at static (bucketed) shapes, replayed from CUDA graphs
     runner.py           tensors for a step, the model call, batched sampling
     llm.py              LLMEngine: add_request, step, stream, abort, counters, score, load_weights
 """

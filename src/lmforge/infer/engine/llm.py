@@ -28,7 +28,7 @@ from torch import Tensor
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.block_manager import BlockManager
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
-from lmforge.infer.engine.runner import ModelRunner
+from lmforge.infer.engine.runner import DecodePath, ModelRunner
 from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.infer.engine.sequence import FinishReason, Sequence
 from lmforge.infer.sampling import SamplingParams
@@ -79,6 +79,8 @@ class LLMEngine:
             watermark defaults to 1% of the blocks (vLLM's default).
         eos_id: end-of-sequence id (ends a request unless its `ignore_eos`).
         attention: "padded" (batched SDPA) or "reference" (dense, explicit softmax).
+        decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
+            decode_graphs.py); default: "cuda_graph" on CUDA, "packed" elsewhere.
         check_invariants: assert the block manager's invariants after every schedule (tests).
     """
 
@@ -95,6 +97,7 @@ class LLMEngine:
         watermark_blocks: int | None = None,
         eos_id: int | None = None,
         attention: PagedImpl = "padded",
+        decode_path: DecodePath | None = None,
         check_invariants: bool = False,
     ):
         self.model, self.config, self.eos_id = model, model.config, eos_id
@@ -111,7 +114,7 @@ class LLMEngine:
         sched = SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_waiting, watermark_blocks, check_invariants)
         max_len = None if self.config.sliding_window is not None else self.config.max_seq_len
         self.scheduler = Scheduler(sched, self.block_manager, max_len)
-        self.runner = ModelRunner(model, num_blocks, block_size, attention)
+        self.runner = ModelRunner(model, num_blocks, block_size, attention, decode_path)
         self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
         self._counters = EngineCounters(kv_blocks_total=num_blocks)
         self._queues: dict[str, deque[RequestOutput]] = {}  # outputs awaiting each stream's consumer

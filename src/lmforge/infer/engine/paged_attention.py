@@ -3,7 +3,8 @@
 Notation: L layers, NB pool blocks, bs block size, Hkv kv heads, H query heads, D head dim; S sequences in the
 step, n_s new tokens of sequence s, N = sum n_s (the packed batch is B = 1, T = N), K_s keys of sequence s.
 
-The pool holds, per layer, k and v of shape (NB * bs, Hkv, D): slot `block * bs + offset`. One step's metadata
+The pool holds, per layer, k and v of shape ((NB + 1) * bs, Hkv, D): slot `block * bs + offset` (block NB is
+a spare, see `PagedKVPool`). One step's metadata
 (`PackedMetadata`, built by the runner) says where every new token goes and which keys each sequence reads:
 
     positions     (N,)        position of each new token in its own sequence
@@ -54,11 +55,16 @@ PagedImpl = Literal["reference", "padded"]
 
 
 class PagedKVPool:
-    """k and v blocks of every layer, preallocated once: (NB * bs, Hkv, D) per layer."""
+    """k and v blocks of every layer, preallocated once: ((NB + 1) * bs, Hkv, D) per layer.
+
+    Blocks 0 .. NB - 1 are the block manager's; block NB is a spare "null" block that it never hands out:
+    static-shape decode steps (decode_graphs.py) point their padding rows and keys at it.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
+        self.null_slot = num_blocks * block_size  # first slot of the null block
+        shape = ((num_blocks + 1) * block_size, config.n_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
@@ -156,7 +162,7 @@ class PagedAttention:
 
     def attend(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (1, H, N, D), k / v (1, Hkv, N, D) -> (1, H, N, D)."""
-        kp, vp = self.pool.k[layer_id], self.pool.v[layer_id]  # (NB * bs, Hkv, D)
+        kp, vp = self.pool.k[layer_id], self.pool.v[layer_id]  # ((NB + 1) * bs, Hkv, D)
         kp.index_copy_(0, self.meta.slot_mapping, k[0].transpose(0, 1))  # (N, Hkv, D) into their slots
         vp.index_copy_(0, self.meta.slot_mapping, v[0].transpose(0, 1))
         if self.impl == "reference":

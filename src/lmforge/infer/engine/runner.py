@@ -8,15 +8,20 @@ their last token), V vocabulary.
            ──► logits (K, V) ──► sample: one SamplingBatch with per-request parameters ──► tokens (K,)
 
 Only the K sampling rows go through the vocabulary projection (`logits_index`); a pre-fill chunk that stops
-short of its sequence's end produces no logits at all.
+short of its sequence's end produces no logits at all. A step of decodes only (every chunk one token that
+samples) takes the static-shape path of decode_graphs.py instead when `decode_path` is not "packed": the
+same attention at padded shapes, replayed from a CUDA graph on the GPU.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lmforge.infer.cache import cache_config
+from lmforge.infer.engine.decode_graphs import DecodeGraphs
 from lmforge.infer.engine.paged_attention import PagedAttention, PagedImpl, PagedKVPool, build_metadata
 from lmforge.infer.engine.scheduler import ScheduledChunk
 from lmforge.infer.engine.sequence import Sequence
@@ -24,17 +29,36 @@ from lmforge.infer.sampling import SampleOutput, SamplingBatch, sample
 from lmforge.models.transformer import Transformer
 
 
+DecodePath = Literal["packed", "eager", "cuda_graph"]
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl = "padded"):
+    """decode_path: how decode-only steps run: "packed" like any other step, "eager" or "cuda_graph" at static
+    shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA and "packed" elsewhere."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl = "padded",
+                 decode_path: DecodePath | None = None):
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.config, self.block_size, self.impl = model.config, block_size, impl
         # cache_config: under tensor parallelism a rank's pool holds only its own kv heads
         self.pool = PagedKVPool(cache_config(model), num_blocks, block_size, self.device, self.dtype)
+        if decode_path is None:
+            decode_path = "cuda_graph" if self.device.type == "cuda" else "packed"
+        if decode_path not in ("packed", "eager", "cuda_graph"):
+            raise ValueError(f"decode_path must be 'packed', 'eager' or 'cuda_graph', got {decode_path!r}")
+        self.decode = None
+        if decode_path != "packed" and impl == "padded":
+            self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path)
 
     @torch.no_grad()
     def forward(self, chunks: list[ScheduledChunk]) -> Tensor:
         """Compute every chunk's new tokens into the pool; logits (K, V) float32 of the sampling chunks, in order."""
+        if self.decode is not None and all(c.num_tokens == 1 and c.samples for c in chunks):
+            logits = self.decode([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
+                                 [c.seq.block_table for c in chunks])
+            if logits is not None:
+                return logits
         tokens = [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.num_tokens]]
         meta = build_metadata(
             [c.start for c in chunks], [c.num_tokens for c in chunks], [c.seq.block_table for c in chunks],
@@ -74,4 +98,4 @@ def sampling_batch(seqs: list[Sequence], vocab_size: int, device) -> SamplingBat
     return batch
 
 
-__all__ = ["ModelRunner", "sampling_batch"]
+__all__ = ["DecodePath", "ModelRunner", "sampling_batch"]

@@ -1,0 +1,156 @@
+"""Decode-only engine steps at static shapes, replayed from CUDA graphs.
+
+Most steps of a busy server are pure decode: every scheduled sequence adds one token. Such a step has the
+shape of a batch decode -- B queries, each over its own sequence's keys -- except that B and the key counts
+change every step. Eager, its GPU cost is mostly kernel launches (about 15 per layer) rather than memory
+traffic. Padded to static shapes, the step is captured once per shape in a CUDA graph and replayed with one
+launch, reading its inputs from fixed buffers that the host fills before each replay:
+
+    rows  B -> Bb, the next batch bucket  (1, 2, 4, 8, ..., max_num_seqs)
+    keys  K = max over rows of the keys a row reads -> Kb, the next power of two >= 64
+
+    tokens (1, Bb)  positions (Bb,)  slot_mapping (Bb,)  key_slots (Bb, Kb)  key_pos (Bb, Kb)
+
+Worked example, block size 4, two rows: row 0 decodes position 5 (table [7, 2]), row 1 position 2 (table
+[4]); buckets Bb = 2, Kb = 64. slot_mapping [2*4+1, 4*4+2] = [9, 18]; key_pos row 0 = [0..5, then -1 x 58],
+key_slots row 0 = [28, 29, 30, 31, 8, 9, then the null slot x 58]. Keys at position -1 are masked
+(`allowed_mask`), so padding changes no real row. A padding row (Bb > B) decodes position 0 into the pool's
+null block (`PagedKVPool.null_slot`, a spare block the block manager never hands out), reading one key
+there, so its softmax is finite and nothing real is written.
+
+The attention is the engine's own `PagedAttention` ("padded") with a single group of all rows, so this path
+computes the same function as the packed one (tests/infer/engine/test_engine_decode_graphs.py); only
+the shapes are fixed. Graphs share one memory pool and are captured lazily, the first time a shape occurs;
+shapes with Bb * Kb above `max_keys` (the gathered keys of one layer would be large) stay on the packed path.
+
+Modes: "eager" runs the static-shape step without a graph (the CPU tests' way to check the padding);
+"cuda_graph" captures and replays.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lmforge.infer.engine.paged_attention import AttentionGroup, PackedMetadata, PagedAttention, PagedKVPool, _slots
+from lmforge.models.transformer import Transformer
+
+DecodePathMode = Literal["eager", "cuda_graph"]
+
+MIN_KEYS = 64
+
+
+def batch_bucket(n: int) -> int:
+    """Next power of two >= n: 1, 2, 4, 8, ..."""
+    return 1 << (n - 1).bit_length()
+
+
+def key_bucket(k: int) -> int:
+    """Next power of two >= max(k, MIN_KEYS)."""
+    return max(MIN_KEYS, 1 << (k - 1).bit_length())
+
+
+class _Shape:
+    """Static input buffers of one (Bb, Kb) shape, and its graph once captured."""
+
+    def __init__(self, Bb: int, Kb: int, device):
+        self.tokens = torch.zeros(1, Bb, dtype=torch.long, device=device)
+        self.positions = torch.zeros(Bb, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(Bb, dtype=torch.long, device=device)
+        self.key_slots = torch.zeros(Bb, Kb, dtype=torch.long, device=device)
+        self.key_pos = torch.zeros(Bb, Kb, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None  # (1, Bb, V), the graph's output buffer
+
+
+class DecodeGraphs:
+    """`__call__(tokens, positions, tables) -> logits (B, V)` for a decode-only step, or None when its shape
+    is too large for this path (the caller then runs the packed path)."""
+
+    def __init__(self, model: Transformer, pool: PagedKVPool, window: int | None, mode: DecodePathMode = "eager",
+                 max_keys: int = 1 << 18):
+        if mode not in ("eager", "cuda_graph"):
+            raise ValueError(f"decode graph mode must be 'eager' or 'cuda_graph', got {mode!r}")
+        device = next(model.parameters()).device
+        if mode == "cuda_graph" and device.type != "cuda":
+            raise ValueError(f"decode mode 'cuda_graph' needs a CUDA model, the model is on {device}")
+        self.model, self.pool, self.window, self.mode, self.max_keys = model, pool, window, mode, max_keys
+        self.device = device
+        self.shapes: dict[tuple[int, int], _Shape] = {}
+        self.steps = 0  # decode steps this path ran (tests check that it did)
+        self.graph_pool = torch.cuda.graph_pool_handle() if mode == "cuda_graph" else None
+
+    @torch.no_grad()
+    def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> Tensor | None:
+        """One new token per row: tokens[b] at positions[b] of the sequence with block table tables[b]."""
+        B, W = len(tokens), self.window
+        lo = [max(0, p - W + 1) if W is not None else 0 for p in positions]  # first key a row reads
+        Bb, Kb = batch_bucket(B), key_bucket(max(p + 1 - a for p, a in zip(positions, lo)))
+        if Bb * Kb > self.max_keys:
+            return None
+        shape = self.shapes.get((Bb, Kb))
+        if shape is None:
+            shape = self.shapes[(Bb, Kb)] = _Shape(Bb, Kb, self.device)
+        self._fill(shape, tokens, positions, tables, lo)
+        self.steps += 1
+        if self.mode == "eager":
+            return self._step(shape)[0, :B].float()
+        if shape.graph is None:
+            self._capture(shape)
+        shape.graph.replay()
+        return shape.logits[0, :B].float()
+
+    def _fill(self, shape: _Shape, tokens, positions, tables, lo) -> None:
+        """Host-side padded inputs (module docstring), copied into the shape's buffers."""
+        Bb, Kb = shape.key_slots.shape
+        B, bs, null = len(tokens), self.pool.block_size, self.pool.null_slot
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [-1] * (width - len(t)) for t in tables])  # (B, blocks)
+        pos = torch.tensor(positions)  # (B,)
+        start = torch.tensor(lo)  # (B,)
+        i = torch.arange(Kb)[None]  # (1, Kb)
+        valid = start[:, None] + i <= pos[:, None]  # (B, Kb)
+        key_pos = torch.where(valid, start[:, None] + i, -1)
+        key_slots = torch.where(valid, _slots(table, key_pos, bs), null)
+        assert bool((key_slots >= 0).all()), "a key lies in a freed block"
+        host = {
+            "tokens": torch.zeros(1, Bb, dtype=torch.long), "positions": torch.zeros(Bb, dtype=torch.long),
+            "slot_mapping": torch.full((Bb,), null), "key_slots": torch.full((Bb, Kb), null),
+            "key_pos": torch.full((Bb, Kb), -1),
+        }
+        host["tokens"][0, :B] = torch.tensor(tokens)
+        host["positions"][:B] = pos
+        host["slot_mapping"][:B] = _slots(table, pos[:, None], bs)[:, 0]
+        host["key_slots"][:B] = key_slots
+        host["key_pos"][:B] = key_pos
+        host["key_pos"][B:, 0] = 0  # a padding row reads the null slot at position 0 (module docstring)
+        for name, value in host.items():
+            getattr(shape, name).copy_(value, non_blocking=True)
+
+    def _step(self, shape: _Shape) -> Tensor:
+        """The static-shape forward: (1, Bb, V) logits; tensor ops only (capturable)."""
+        Bb = shape.positions.shape[0]
+        rows = torch.arange(Bb, device=self.device)
+        group = AttentionGroup(rows[:, None], shape.positions[:, None], shape.key_slots, shape.key_pos,
+                               src=rows, dst=rows)
+        meta = PackedMetadata(shape.positions, shape.slot_mapping, [group])
+        cache = PagedAttention(self.pool, meta, self.window, "padded")
+        return self.model(shape.tokens, shape.positions, cache=cache)
+
+    def _capture(self, shape: _Shape) -> None:
+        """Warm up on a side stream, then record. Warm-up and capture write this step's own k / v at its own
+        slots, which the replay right after writes again with the same values."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # cuBLAS / SDPA workspace set-up happens here, not during capture
+                self._step(shape)
+        torch.cuda.current_stream().wait_stream(stream)
+        shape.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(shape.graph, pool=self.graph_pool):
+            shape.logits = self._step(shape)
+
+
+__all__ = ["DecodeGraphs", "DecodePathMode", "batch_bucket", "key_bucket"]
