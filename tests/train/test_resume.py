@@ -72,3 +72,20 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_losses(token_d
     assert losses(run) == reference
     assert (run / "model" / "model.safetensors").exists()
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(1, STEPS + 1))
+
+
+def test_stop_at_then_resume_without_checkpoints_gives_the_uninterrupted_losses(token_data, tmp_path):
+    """--run.stop_at 4 ends the run after step 4 with its checkpoint (and no model); the same command with
+    --run.resume auto and --run.checkpoint_every 0 continues to the end, saving no checkpoint but the model."""
+    main(args(token_data, tmp_path / "reference", "--run.checkpoint_every", "0"))
+    reference = losses(tmp_path / "reference")
+    assert not list((tmp_path / "reference" / "checkpoints").glob("step_*"))
+    run = tmp_path / "run"
+    main(args(token_data, run, "--run.checkpoint_every", "0", "--run.stop_at", "4"))
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000004"]
+    assert not (run / "model").exists() and losses(run) == reference[:4]
+    assert [e["step"] for e in read_metrics(run / "metrics.jsonl") if e.get("event") == "stop_at"] == [4]
+    main(args(token_data, run, "--run.checkpoint_every", "0", "--run.stop_at", "4", "--run.resume", "auto"))
+    assert losses(run) == reference
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000004"]
+    assert (run / "model" / "model.safetensors").exists()

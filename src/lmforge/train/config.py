@@ -107,7 +107,10 @@ class RunConfig:
         resume: "auto" continues from the newest complete checkpoint in dir/checkpoints (or starts afresh if
             there is none); a path continues from that checkpoint; None starts afresh and refuses a run
             folder that already holds checkpoints.
-        checkpoint_every: Save a training checkpoint every this many steps (and at the end, and on SIGTERM).
+        checkpoint_every: Save a training checkpoint every this many steps (and at the end, and on SIGTERM);
+            0 saves none but those of SIGTERM and stop_at (the final model is written all the same).
+        stop_at: End the run when it completes this step, with a checkpoint, as SIGTERM does; the schedule still
+            runs to train.steps, and the same command with `--run.resume auto` continues past it to the end.
         keep_checkpoints: Complete checkpoints kept; older ones are deleted after each save.
         eval_every: Compute the validation loss every this many steps (and at the end); 0 switches it off.
         eval_batches: Batches of data.val_split per validation: the split's first samples in order, each at
@@ -122,6 +125,7 @@ class RunConfig:
     dir: str = "runs/pretrain"
     resume: str | None = None
     checkpoint_every: int = 1000
+    stop_at: int | None = None
     keep_checkpoints: int = 2
     eval_every: int = 1000
     eval_batches: int = 10
@@ -131,7 +135,9 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.eval_every < 0 or self.eval_batches < 1:
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.eval_every < 0 or self.eval_batches < 1:
             raise TrainConfigError(
-                "run.checkpoint_every, run.keep_checkpoints and run.eval_batches must be >= 1, run.eval_every >= 0"
+                "run.keep_checkpoints and run.eval_batches must be >= 1, run.checkpoint_every and run.eval_every >= 0"
             )
+        if self.stop_at is not None and self.stop_at < 1:
+            raise TrainConfigError(f"run.stop_at must be >= 1, got {self.stop_at}")

@@ -225,12 +225,15 @@ def pretrain(
 
             if run.eval_every and (step % run.eval_every == 0 or step == train.steps):
                 validate(step)
-            if step % run.checkpoint_every == 0 or step == train.steps or stop.requested:
+            periodic = run.checkpoint_every > 0 and (step % run.checkpoint_every == 0 or step == train.steps)
+            stopping = step < train.steps and (stop.requested or step == run.stop_at)
+            if periodic or stopping:
                 train_state = {"step": step, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(),
                                "loader": loader.state_dict(), "config": to_plain(config)}
                 path = save_checkpoint(ckpt_root, step, net, optimizer, train_state, keep=run.keep_checkpoints)
-                if stop.requested and step < train.steps:
-                    logger.event(step, "sigterm", f"saved {path}; continue with --run.resume auto")
+                if stopping:
+                    logger.event(step, "sigterm" if stop.requested else "stop_at",
+                                 f"saved {path}; continue with --run.resume auto")
                     return run_dir
     finally:
         bar.close()

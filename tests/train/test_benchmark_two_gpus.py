@@ -1,0 +1,31 @@
+"""benchmarks/two_gpus.py runs end to end in its CPU smoke mode: 2 gloo processes stand for the 2 GPUs, with
+tiny shapes (the figures come from the device machine)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_gpus_quick(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "two_gpus.py"), "--quick", "--work",
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "two_gpus.json").read_text())["rows"]
+    assert not [r for r in rows if "error" in r], rows
+    scaling = [r for r in rows if r["part"] == "scaling"]
+    assert [r.get("gpus") for r in scaling] == [1, 2, None] and scaling[2]["efficiency"] > 0
+    (seven_b,) = [r for r in rows if r["part"] == "7b"]
+    assert len(seven_b["losses"]) == 4 and seven_b["resume_max_rel_diff"] < 1e-5
+    assert "__1_0.distcp" in seven_b["checkpoint_files"]  # sharded: one file per rank
+    tp = [r for r in rows if r["part"] == "tp"]
+    assert [r["tensor_parallel"] for r in tp] == [1, 2]
+    assert tp[0]["tokens"] == tp[1]["tokens"]  # the same greedy tokens, split over 2 ranks or not
