@@ -80,7 +80,7 @@ class LLMEngine:
         eos_id: end-of-sequence id (ends a request unless its `ignore_eos`).
         attention: "padded" (batched SDPA) or "reference" (dense, explicit softmax).
         decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
-            decode_graphs.py); default: "cuda_graph" on CUDA, "packed" elsewhere.
+            decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
         check_invariants: assert the block manager's invariants after every schedule (tests).
     """
 

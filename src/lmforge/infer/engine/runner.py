@@ -34,7 +34,7 @@ DecodePath = Literal["packed", "eager", "cuda_graph"]
 
 class ModelRunner:
     """decode_path: how decode-only steps run: "packed" like any other step, "eager" or "cuda_graph" at static
-    shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA and "packed" elsewhere."""
+    shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA without tensor parallelism, else "packed"."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl = "padded",
                  decode_path: DecodePath | None = None):
@@ -44,7 +44,9 @@ class ModelRunner:
         # cache_config: under tensor parallelism a rank's pool holds only its own kv heads
         self.pool = PagedKVPool(cache_config(model), num_blocks, block_size, self.device, self.dtype)
         if decode_path is None:
-            decode_path = "cuda_graph" if self.device.type == "cuda" else "packed"
+            # NOTE: not yet under tensor parallelism: capturing its all-reduces in CUDA graphs is untested
+            single = getattr(model, "tp_degree", 1) == 1
+            decode_path = "cuda_graph" if self.device.type == "cuda" and single else "packed"
         if decode_path not in ("packed", "eager", "cuda_graph"):
             raise ValueError(f"decode_path must be 'packed', 'eager' or 'cuda_graph', got {decode_path!r}")
         self.decode = None
