@@ -193,7 +193,11 @@ def main() -> None:
     rows = []
     for case in cases(set(args.only.split(",")), args.quick):
         for system in systems:
-            row = run_case(case, system, device, args.warmup, args.steps, args.profile and system.startswith("lmforge"))
+            try:
+                row = run_case(case, system, device, args.warmup, args.steps,
+                               args.profile and system.startswith("lmforge"))
+            except Exception as e:  # one failing system (a compile error, say) must not lose the other figures
+                row = {"case": case.name, "system": system, "error": f"{type(e).__name__}: {e}"[:500]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'case':28s} {'system':18s} {'tok/s':>10s} {'MFU':>7s} {'us/tok':>8s} {'peak GiB':>9s}")
