@@ -161,3 +161,17 @@ def test_logprobs_are_the_models_and_top_logprobs_sorted():
     assert math.isclose(out.logprobs.item(), logp[0, 1].item(), rel_tol=1e-6)
     assert out.top_ids.tolist() == [[1, 2]]
     torch.testing.assert_close(out.top_logprobs, logp[:, [1, 2]])
+
+
+def test_given_generators_are_used_and_counted():
+    params = [SamplingParams(seed=1), SamplingParams()]
+    with pytest.raises(ValueError, match="1 generators for 2 rows"):
+        SamplingBatch(params, [[0], [0]], 8, "cpu", generators=[None])
+    logits = torch.zeros(2, 1000)  # uniform: the token is the generator's draw
+
+    def first_token(seed: int) -> int:
+        batch = SamplingBatch(params, [[0], [0]], 1000, "cpu", [torch.Generator().manual_seed(seed), None])
+        return int(sample(logits, batch).tokens[0])
+
+    assert first_token(5) == first_token(5)
+    assert len({first_token(seed) for seed in range(5)}) > 1  # the given generator decides, not params' seed 1

@@ -141,20 +141,20 @@ class SamplingBatch:
     Built once per batch of requests; `observe` records each step's sampled tokens.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]], vocab_size: int, device):
+    def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]], vocab_size: int, device,
+                 generators: list[torch.Generator | None] | None = None):
+        """generators: one per row (None: the global generator) to draw from; by default a fresh one seeded with
+        each row's `seed`. A caller whose rows outlive the batch (the serving engine) passes their own."""
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         self.params = list(params)
         B = len(params)
-
-        def col(name: str, dtype=torch.float32) -> Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
-
-        self.temperature = col("temperature")
-        self.top_k = col("top_k", torch.long)
-        self.top_p, self.min_p = col("top_p"), col("min_p")
-        self.repetition_penalty = col("repetition_penalty")
-        self.frequency_penalty, self.presence_penalty = col("frequency_penalty"), col("presence_penalty")
+        # one host-to-device copy for all the float columns: (6, B)
+        names = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+        floats = torch.tensor([[getattr(p, n) for p in params] for n in names], dtype=torch.float32).to(device)
+        self.temperature, self.top_p, self.min_p = floats[0], floats[1], floats[2]
+        self.repetition_penalty, self.frequency_penalty, self.presence_penalty = floats[3], floats[4], floats[5]
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device)
         # Host-side switches (from the parameters, never from tensor values).
         self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)
@@ -165,9 +165,11 @@ class SamplingBatch:
         self.use_counts = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
         self.top_logprobs = max(p.top_logprobs for p in params)
         self.want_logprobs = any(p.logprobs for p in params)
-        self.generators = [
-            None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params
-        ]
+        if generators is None:
+            generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
+        elif len(generators) != B:
+            raise ValueError(f"{len(generators)} generators for {B} rows")
+        self.generators = generators
         self.prompt_mask = None
         if self.use_repetition:
             self.prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)  # (B, V)

@@ -9,12 +9,20 @@ launch, reading its inputs from fixed buffers that the host fills before each re
     rows  B -> Bb, the next batch bucket  (1, 2, 4, 8, ..., max_num_seqs)
     keys  K = max over rows of the keys a row reads -> Kb, the next power of two >= 64
 
-    tokens (1, Bb)  positions (Bb,)  slot_mapping (Bb,)  key_slots (Bb, Kb)  key_pos (Bb, Kb)
+    host -> device, per step:  tokens (1, Bb), positions (Bb,), lo (Bb,), tables (Bb, Kb / bs + 1)
 
-Worked example, block size 4, two rows: row 0 decodes position 5 (table [7, 2]), row 1 position 2 (table
-[4]); buckets Bb = 2, Kb = 64. slot_mapping [2*4+1, 4*4+2] = [9, 18]; key_pos row 0 = [0..5, then -1 x 58],
-key_slots row 0 = [28, 29, 30, 31, 8, 9, then the null slot x 58]. Keys at position -1 are masked
-(`allowed_mask`), so padding changes no real row. A padding row (Bb > B) decodes position 0 into the pool's
+Row b reads keys at positions lo_b .. p_b (lo_b = max(0, p_b - W + 1) with a window W, else 0), which lie in
+blocks lo_b // bs .. p_b // bs of its block table: `tables` holds those entries from lo_b // bs on (at most
+Kb / bs + 1 of them), so the host sends a few entries per row rather than Kb slots. Inside the graph:
+
+    key_pos[b, i]   = lo_b + i if lo_b + i <= p_b else -1                  (Bb, Kb); -1 is masked
+    key_slots[b, i] = tables[b, (lo_b + i) // bs - lo_b // bs] * bs + (lo_b + i) % bs   (null slot if masked)
+    slot_mapping[b] = the same formula at p_b: where the new k / v go
+
+Worked example, block size 4, no window, two rows: row 0 decodes position 5 (table [7, 2]), row 1 position
+2 (table [4]); buckets Bb = 2, Kb = 64, so tables is (2, 17): [[7, 2, null...], [4, null...]].
+slot_mapping = [2*4 + 1, 4*4 + 2] = [9, 18]; key_pos row 0 = [0..5, then -1 x 58]; key_slots row 0 =
+[28, 29, 30, 31, 8, 9, then the null slot x 58]. A padding row (Bb > B) decodes position 0 into the pool's
 null block (`PagedKVPool.null_slot`, a spare block the block manager never hands out), reading one key
 there, so its softmax is finite and nothing real is written.
 
@@ -31,10 +39,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lmforge.infer.engine.paged_attention import AttentionGroup, PackedMetadata, PagedAttention, PagedKVPool, _slots
+from lmforge.infer.engine.paged_attention import AttentionGroup, PackedMetadata, PagedAttention, PagedKVPool
 from lmforge.models.transformer import Transformer
 
 DecodePathMode = Literal["eager", "cuda_graph"]
@@ -55,12 +64,12 @@ def key_bucket(k: int) -> int:
 class _Shape:
     """Static input buffers of one (Bb, Kb) shape, and its graph once captured."""
 
-    def __init__(self, Bb: int, Kb: int, device):
+    def __init__(self, Bb: int, Kb: int, block_size: int, device):
         self.tokens = torch.zeros(1, Bb, dtype=torch.long, device=device)
         self.positions = torch.zeros(Bb, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(Bb, dtype=torch.long, device=device)
-        self.key_slots = torch.zeros(Bb, Kb, dtype=torch.long, device=device)
-        self.key_pos = torch.zeros(Bb, Kb, dtype=torch.long, device=device)
+        self.lo = torch.zeros(Bb, dtype=torch.long, device=device)
+        self.tables = torch.zeros(Bb, Kb // block_size + 1, dtype=torch.long, device=device)
+        self.keys = Kb
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # (1, Bb, V), the graph's output buffer
 
@@ -92,7 +101,7 @@ class DecodeGraphs:
             return None
         shape = self.shapes.get((Bb, Kb))
         if shape is None:
-            shape = self.shapes[(Bb, Kb)] = _Shape(Bb, Kb, self.device)
+            shape = self.shapes[(Bb, Kb)] = _Shape(Bb, Kb, self.pool.block_size, self.device)
         self._fill(shape, tokens, positions, tables, lo)
         self.steps += 1
         if self.mode == "eager":
@@ -104,40 +113,37 @@ class DecodeGraphs:
 
     def _fill(self, shape: _Shape, tokens, positions, tables, lo) -> None:
         """Host-side padded inputs (module docstring), copied into the shape's buffers."""
-        Bb, Kb = shape.key_slots.shape
-        B, bs, null = len(tokens), self.pool.block_size, self.pool.null_slot
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [-1] * (width - len(t)) for t in tables])  # (B, blocks)
-        pos = torch.tensor(positions)  # (B,)
-        start = torch.tensor(lo)  # (B,)
-        i = torch.arange(Kb)[None]  # (1, Kb)
-        valid = start[:, None] + i <= pos[:, None]  # (B, Kb)
-        key_pos = torch.where(valid, start[:, None] + i, -1)
-        key_slots = torch.where(valid, _slots(table, key_pos, bs), null)
-        assert bool((key_slots >= 0).all()), "a key lies in a freed block"
-        host = {
-            "tokens": torch.zeros(1, Bb, dtype=torch.long), "positions": torch.zeros(Bb, dtype=torch.long),
-            "slot_mapping": torch.full((Bb,), null), "key_slots": torch.full((Bb, Kb), null),
-            "key_pos": torch.full((Bb, Kb), -1),
-        }
-        host["tokens"][0, :B] = torch.tensor(tokens)
-        host["positions"][:B] = pos
-        host["slot_mapping"][:B] = _slots(table, pos[:, None], bs)[:, 0]
-        host["key_slots"][:B] = key_slots
-        host["key_pos"][:B] = key_pos
-        host["key_pos"][B:, 0] = 0  # a padding row reads the null slot at position 0 (module docstring)
-        for name, value in host.items():
-            getattr(shape, name).copy_(value, non_blocking=True)
+        Bb, width = shape.tables.shape
+        B, bs, null_block = len(tokens), self.pool.block_size, self.pool.num_blocks
+        rel = np.full((Bb, width), null_block, dtype=np.int64)  # (Bb, Kb / bs + 1) block entries from lo // bs
+        for b, (table, a, p) in enumerate(zip(tables, lo, positions)):
+            needed = table[a // bs : p // bs + 1]
+            rel[b, : len(needed)] = needed
+        assert (rel >= 0).all(), "a key lies in a freed block"
+        host = np.zeros((3, Bb), dtype=np.int64)  # tokens, positions, lo; padding rows: token 0 at position 0
+        host[:, :B] = tokens, positions, lo
+        for buffer, value in ((shape.tables, rel), (shape.tokens[0], host[0]), (shape.positions, host[1]),
+                              (shape.lo, host[2])):
+            buffer.copy_(torch.from_numpy(value), non_blocking=True)
 
     def _step(self, shape: _Shape) -> Tensor:
         """The static-shape forward: (1, Bb, V) logits; tensor ops only (capturable)."""
-        Bb = shape.positions.shape[0]
-        rows = torch.arange(Bb, device=self.device)
-        group = AttentionGroup(rows[:, None], shape.positions[:, None], shape.key_slots, shape.key_pos,
-                               src=rows, dst=rows)
-        meta = PackedMetadata(shape.positions, shape.slot_mapping, [group])
+        bs, null = self.pool.block_size, self.pool.null_slot
+        pos, lo, tables = shape.positions, shape.lo, shape.tables  # (Bb,), (Bb,), (Bb, Kb / bs + 1)
+        first = (lo // bs)[:, None]  # (Bb, 1) block index of tables[:, 0]
+
+        def slots(p: Tensor) -> Tensor:  # positions (Bb, k) -> pool slots, through the row's tables
+            return tables.gather(1, p // bs - first) * bs + p % bs
+
+        key_pos = lo[:, None] + torch.arange(shape.keys, device=self.device)  # (Bb, Kb)
+        valid = key_pos <= pos[:, None]
+        key_slots = torch.where(valid, slots(key_pos.clamp(max=pos[:, None])), null)
+        key_pos = torch.where(valid, key_pos, -1)
+        rows = torch.arange(pos.shape[0], device=self.device)
+        group = AttentionGroup(rows[:, None], pos[:, None], key_slots, key_pos, src=rows, dst=rows)
+        meta = PackedMetadata(pos, slots(pos[:, None])[:, 0], [group])
         cache = PagedAttention(self.pool, meta, self.window, "padded")
-        return self.model(shape.tokens, shape.positions, cache=cache)
+        return self.model(shape.tokens, pos, cache=cache)
 
     def _capture(self, shape: _Shape) -> None:
         """Warm up on a side stream, then record. Warm-up and capture write this step's own k / v at its own

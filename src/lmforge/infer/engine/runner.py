@@ -82,16 +82,15 @@ class ModelRunner:
 def sampling_batch(seqs: list[Sequence], vocab_size: int, device) -> SamplingBatch:
     """A `SamplingBatch` for this step's sequences, carrying their state across steps.
 
-    NOTE: `SamplingBatch` (lmforge.infer.sampling) serves a static batch: it seeds fresh generators and counts
-    output tokens from zero. The engine's batch changes every step, so each sequence keeps its generator
-    (seeded once, at its first sample) and the output counts are rebuilt from its outputs.
+    NOTE: `SamplingBatch` (lmforge.infer.sampling) serves a static batch: by default it seeds fresh generators
+    and counts output tokens from zero. The engine's batch changes every step, so each sequence keeps its
+    generator (seeded once, at its first sample) and the output counts are rebuilt from its outputs.
     """
     params = [s.sampling for s in seqs]
-    batch = SamplingBatch(params, [s.prompt_ids for s in seqs], vocab_size, device)
     for s, p in zip(seqs, params):
         if p.seed is not None and s.generator is None:
             s.generator = torch.Generator(device=device).manual_seed(p.seed)
-    batch.generators = [s.generator for s in seqs]
+    batch = SamplingBatch(params, [s.prompt_ids for s in seqs], vocab_size, device, [s.generator for s in seqs])
     if batch.output_counts is not None:
         for b, s in enumerate(seqs):
             if s.output_ids:
