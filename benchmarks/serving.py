@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--attention", default="padded", choices=["padded", "reference"])
     ap.add_argument("--decode-paths", default=None,
-                    help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph (default: "
-                         "cuda_graph on CUDA, packed on the CPU); (b) uses the first")
+                    help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, each "
+                         "optionally /sdpa or /fused for its attention, e.g. cuda_graph/fused (default: cuda_graph on "
+                         "CUDA, packed on the CPU); (b) uses the first")
     args = ap.parse_args(argv)
     quick, only = args.quick, set(args.only.split(","))
     device = "cpu" if quick or not torch.cuda.is_available() else "cuda"
@@ -197,8 +198,13 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
     bw = copy_bandwidth(device, (1 << 24) if quick else (1 << 31))
     emit({"case": "copy_bandwidth", "device": device, "GB_per_s": round(bw / 1e9, 1)})
     paths = (args.decode_paths or ("cuda_graph" if device == "cuda" else "packed")).split(",")
+
+    def path_kw(path: str) -> dict:  # "cuda_graph/fused" -> decode_path="cuda_graph", decode_attention="fused"
+        name, _, attention = path.partition("/")
+        return {"decode_path": name, "decode_attention": attention or "sdpa"}
+
     engine_kw = dict(block_size=16, max_num_batched_tokens=256 if quick else 4096, max_num_seqs=64 if quick else 256,
-                     attention=args.attention, decode_path=paths[0])
+                     attention=args.attention, **path_kw(paths[0]))
     if quick:
         engine_kw["num_blocks"] = 512
 
@@ -215,7 +221,7 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         step_bytes = weight_bytes + B * (P + O / 2) * kv_per_token  # at the mean context of the decode phase
         limit = B / (step_bytes / bw)
         for path in paths:
-            engine = LLMEngine(model, **(engine_kw | {"decode_path": path}))
+            engine = LLMEngine(model, **(engine_kw | path_kw(path)))
             drive(engine, prompts[:4], [4] * 4, None)  # warm-up
             res = drive(engine, prompts, [O] * B, None)
             res.update(case="a", config="tiny" if quick else "llama2-7b", decode_path=path, batch=B, prompt=P,

@@ -10,6 +10,8 @@ from engine_helpers import forced_logits, random_seq
 from infer_helpers import assert_logits_close, full_logits, tiny_model
 from lmforge.infer.engine import LLMEngine
 from lmforge.infer.engine.decode_graphs import DecodeGraphs, batch_bucket, key_bucket
+from lmforge.infer.engine.paged_attention import gathered_decode_attention
+from lmforge.models.attention import reference_attention
 
 
 def _engine(model, **kw):
@@ -18,20 +20,35 @@ def _engine(model, **kw):
     return LLMEngine(model, **kw)
 
 
+def test_gathered_decode_attention_equals_reference_attention():
+    """GQA (H = 4, Hkv = 2), rows with different allowed keys, keys read from scattered pool slots."""
+    torch.manual_seed(0)
+    G, H, Hkv, D, K, S = 3, 4, 2, 8, 6, 40
+    q, kp, vp = torch.randn(G, H, D), torch.randn(S, Hkv, D), torch.randn(S, Hkv, D)
+    slots = torch.randint(0, S, (G, K))
+    allowed = torch.rand(G, K) < 0.6
+    allowed[:, 0] = True
+    ours = gathered_decode_attention(q, kp, vp, slots, allowed)
+    keys, values = kp[slots].permute(0, 2, 1, 3), vp[slots].permute(0, 2, 1, 3)  # (G, Hkv, K, D)
+    theirs = reference_attention(q[:, :, None], keys, values, allowed[:, None, None])[:, :, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 16, 64]
     assert [key_bucket(k) for k in (1, 64, 65, 200, 4096)] == [64, 64, 128, 256, 4096]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-swa", "tiny-moe"])
-def test_static_decode_steps_equal_the_model(preset):
+def test_static_decode_steps_equal_the_model(preset, attention):
     """7 requests (batch bucket 8: one padding row) of 70 to 88 tokens with prompts of 1 to 29, so that the
     longest-prompted rows cross from the 64-key bucket to the 128-key one while the others are still below."""
     model = tiny_model(preset)
     g = torch.Generator().manual_seed(3)
     prompts = [int(torch.randint(1, 30, (1,), generator=g)) for _ in range(7)]
     seqs = [random_seq(70 + 3 * b, 40 + b) for b in range(7)]
-    engine = _engine(model)
+    engine = _engine(model, decode_attention=attention)
     ours = forced_logits(engine, seqs, prompts)
     shapes = engine.runner.decode.shapes
     assert engine.runner.decode.steps > 30, engine.runner.decode.steps

@@ -32,7 +32,9 @@ the shapes are fixed. Graphs share one memory pool and are captured lazily, the 
 shapes with Bb * Kb above `max_keys` (the gathered keys of one layer would be large) stay on the packed path.
 
 Modes: "eager" runs the static-shape step without a graph (the CPU tests' way to check the padding);
-"cuda_graph" captures and replays.
+"cuda_graph" captures and replays. Attention: "sdpa" gathers each row's keys out of the pool and calls SDPA;
+"fused" calls `gathered_decode_attention`, compiled with dynamic shapes on CUDA (one compile for every
+bucket), whose kernels read the keys in place (see its NOTE).
 """
 
 from __future__ import annotations
@@ -43,10 +45,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmforge.infer.engine.paged_attention import AttentionGroup, PackedMetadata, PagedAttention, PagedKVPool
+from lmforge.infer.engine.paged_attention import (
+    AttentionGroup,
+    PackedMetadata,
+    PagedAttention,
+    PagedKVPool,
+    gathered_decode_attention,
+)
 from lmforge.models.transformer import Transformer
 
 DecodePathMode = Literal["eager", "cuda_graph"]
+DecodeAttention = Literal["sdpa", "fused"]
 
 MIN_KEYS = 64
 
@@ -79,9 +88,11 @@ class DecodeGraphs:
     is too large for this path (the caller then runs the packed path)."""
 
     def __init__(self, model: Transformer, pool: PagedKVPool, window: int | None, mode: DecodePathMode = "eager",
-                 max_keys: int = 1 << 18):
+                 attention: DecodeAttention = "sdpa", max_keys: int = 1 << 18):
         if mode not in ("eager", "cuda_graph"):
             raise ValueError(f"decode graph mode must be 'eager' or 'cuda_graph', got {mode!r}")
+        if attention not in ("sdpa", "fused"):
+            raise ValueError(f"decode attention must be 'sdpa' or 'fused', got {attention!r}")
         device = next(model.parameters()).device
         if mode == "cuda_graph" and device.type != "cuda":
             raise ValueError(f"decode mode 'cuda_graph' needs a CUDA model, the model is on {device}")
@@ -90,6 +101,10 @@ class DecodeGraphs:
         self.shapes: dict[tuple[int, int], _Shape] = {}
         self.steps = 0  # decode steps this path ran (tests check that it did)
         self.graph_pool = torch.cuda.graph_pool_handle() if mode == "cuda_graph" else None
+        self.kernel = None
+        if attention == "fused":
+            compiled = device.type == "cuda"
+            self.kernel = torch.compile(gathered_decode_attention, dynamic=True) if compiled else gathered_decode_attention
 
     @torch.no_grad()
     def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> Tensor | None:
@@ -142,7 +157,7 @@ class DecodeGraphs:
         rows = torch.arange(pos.shape[0], device=self.device)
         group = AttentionGroup(rows[:, None], pos[:, None], key_slots, key_pos, src=rows, dst=rows)
         meta = PackedMetadata(pos, slots(pos[:, None])[:, 0], [group])
-        cache = PagedAttention(self.pool, meta, self.window, "padded")
+        cache = PagedAttention(self.pool, meta, self.window, "padded", decode_kernel=self.kernel)
         return self.model(shape.tokens, pos, cache=cache)
 
     def _capture(self, shape: _Shape) -> None:
@@ -159,4 +174,4 @@ class DecodeGraphs:
             shape.logits = self._step(shape)
 
 
-__all__ = ["DecodeGraphs", "DecodePathMode", "batch_bucket", "key_bucket"]
+__all__ = ["DecodeAttention", "DecodeGraphs", "DecodePathMode", "batch_bucket", "key_bucket"]

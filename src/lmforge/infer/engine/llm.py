@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.block_manager import BlockManager
+from lmforge.infer.engine.decode_graphs import DecodeAttention
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
 from lmforge.infer.engine.runner import DecodePath, ModelRunner
 from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
@@ -81,6 +82,8 @@ class LLMEngine:
         attention: "padded" (batched SDPA) or "reference" (dense, explicit softmax).
         decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
             decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
+        decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA) or
+            "fused" (compiled kernels that read the keys in place; decode_graphs.py).
         check_invariants: assert the block manager's invariants after every schedule (tests).
     """
 
@@ -98,6 +101,7 @@ class LLMEngine:
         eos_id: int | None = None,
         attention: PagedImpl = "padded",
         decode_path: DecodePath | None = None,
+        decode_attention: DecodeAttention = "sdpa",
         check_invariants: bool = False,
     ):
         self.model, self.config, self.eos_id = model, model.config, eos_id
@@ -114,7 +118,7 @@ class LLMEngine:
         sched = SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_waiting, watermark_blocks, check_invariants)
         max_len = None if self.config.sliding_window is not None else self.config.max_seq_len
         self.scheduler = Scheduler(sched, self.block_manager, max_len)
-        self.runner = ModelRunner(model, num_blocks, block_size, attention, decode_path)
+        self.runner = ModelRunner(model, num_blocks, block_size, attention, decode_path, decode_attention)
         self.seqs: dict[str, Sequence] = {}  # unfinished requests by id
         self._counters = EngineCounters(kv_blocks_total=num_blocks)
         self._queues: dict[str, deque[RequestOutput]] = {}  # outputs awaiting each stream's consumer

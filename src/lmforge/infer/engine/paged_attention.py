@@ -41,6 +41,7 @@ NOTE: both gather each sequence's keys out of the pool (a copy); a kernel that r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -148,12 +149,19 @@ def _slots(table: Tensor, pos: Tensor, bs: int) -> Tensor:
 
 
 class PagedAttention:
-    """The `KVCache` view of one step: write new k / v into the pool, then attend with `impl`."""
+    """The `KVCache` view of one step: write new k / v into the pool, then attend with `impl`.
 
-    def __init__(self, pool: PagedKVPool, meta: PackedMetadata, window: int | None, impl: PagedImpl = "padded"):
+    decode_kernel: for "padded", an attention for groups of one query per row used instead of gather + SDPA,
+    called as `decode_kernel(q (G, H, D), kp, vp, key_slots (G, K), allowed (G, K)) -> (G, H, D)`:
+    `gathered_decode_attention`, compiled (decode_graphs.py).
+    """
+
+    def __init__(self, pool: PagedKVPool, meta: PackedMetadata, window: int | None, impl: PagedImpl = "padded",
+                 decode_kernel: Callable[..., Tensor] | None = None):
         if impl not in ("reference", "padded"):
             raise ValueError(f"paged attention impl must be 'reference' or 'padded', got {impl!r}")
         self.pool, self.meta, self.window, self.impl = pool, meta, window, impl
+        self.decode_kernel = decode_kernel
         # one mask per group for the whole step, shared by every layer: (G, 1, Qmax, Kmax)
         self.masks = [
             None if g.self_causal or impl != "padded" else allowed_mask(g.q_pos, g.key_pos, window).unsqueeze(1)
@@ -167,7 +175,7 @@ class PagedAttention:
         vp.index_copy_(0, self.meta.slot_mapping, v[0].transpose(0, 1))
         if self.impl == "reference":
             return _reference(q, kp, vp, self.meta, self.window)
-        return _padded(q, k, v, kp, vp, self.meta, self.masks)
+        return _padded(q, k, v, kp, vp, self.meta, self.masks, self.decode_kernel)
 
 
 def _reference(q: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, window: int | None) -> Tensor:
@@ -189,7 +197,8 @@ def _reference(q: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, window: int
     return reference_attention(q, keys, values, mask)  # (1, H, N, D)
 
 
-def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, masks: list) -> Tensor:
+def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMetadata, masks: list,
+            decode_kernel: Callable[..., Tensor] | None = None) -> Tensor:
     """Per group, batched SDPA: queries (G, H, Qmax, D) over gathered keys (G, Hkv, Kmax, D)."""
     out = torch.empty_like(q[0].transpose(0, 1))  # (N, H, D)
     for g, mask in zip(m.groups, masks):
@@ -199,6 +208,10 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMe
             out[idx] = res[0].transpose(0, 1)
             continue
         qs = q[0][:, g.q_index].permute(1, 0, 2, 3)  # (H, G, Qmax, D) -> (G, H, Qmax, D)
+        if decode_kernel is not None and qs.shape[2] == 1:  # one query per row: no copy of the keys
+            res = decode_kernel(qs[:, :, 0], kp, vp, g.key_slots, mask[:, 0, 0])  # (G, H, D)
+            out[g.dst] = res[g.src]
+            continue
         keys = kp[g.key_slots].permute(0, 2, 1, 3)  # (G, Kmax, Hkv, D) -> (G, Hkv, Kmax, D)
         values = vp[g.key_slots].permute(0, 2, 1, 3)
         G, H, Qmax, D = qs.shape
@@ -216,4 +229,27 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, m: PackedMe
     return out.transpose(0, 1)[None]  # (1, H, N, D)
 
 
-__all__ = ["AttentionGroup", "PackedMetadata", "PagedAttention", "PagedImpl", "PagedKVPool", "build_metadata"]
+def gathered_decode_attention(q: Tensor, kp: Tensor, vp: Tensor, key_slots: Tensor, allowed: Tensor) -> Tensor:
+    """Decode attention reading keys out of the pool by slot: one query per row.
+
+    q (G, H, D), kp / vp (S, Hkv, D) the pool, key_slots (G, K), allowed (G, K) bool (each row has at least one
+    allowed key) -> (G, H, D). Query head h reads kv head h // r, r = H / Hkv.
+
+    NOTE: written as broadcast products and sums rather than matmuls, so that under torch.compile Inductor folds
+    the gather `kp[key_slots]` into its reduction kernels and reads every key once, straight from the pool;
+    gather + SDPA first copies (G, K, Hkv, D) keys and values out, which costs three times the bytes. Eager,
+    it is plain (and memory-hungry) explicit attention, tested equal to the SDPA path.
+    """
+    G, H, D = q.shape
+    Hkv = kp.shape[1]
+    qg = q.view(G, 1, Hkv, H // Hkv, D).float()  # (G, 1, Hkv, r, D)
+    keys = kp[key_slots].unsqueeze(3).float()  # (G, K, Hkv, 1, D)
+    scores = (qg * keys).sum(-1) * D**-0.5  # (G, K, Hkv, r)
+    scores = scores.masked_fill(~allowed[:, :, None, None], float("-inf"))
+    probs = scores.softmax(dim=1)  # over the K keys
+    values = vp[key_slots].unsqueeze(3).float()  # (G, K, Hkv, 1, D)
+    out = (probs.unsqueeze(-1) * values).sum(1)  # (G, Hkv, r, D)
+    return out.reshape(G, H, D).to(q.dtype)
+
+
+__all__ = ["AttentionGroup", "gathered_decode_attention", "PackedMetadata", "PagedAttention", "PagedImpl", "PagedKVPool", "build_metadata"]

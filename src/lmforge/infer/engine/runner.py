@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lmforge.infer.cache import cache_config
-from lmforge.infer.engine.decode_graphs import DecodeGraphs
+from lmforge.infer.engine.decode_graphs import DecodeAttention, DecodeGraphs
 from lmforge.infer.engine.paged_attention import PagedAttention, PagedImpl, PagedKVPool, build_metadata
 from lmforge.infer.engine.scheduler import ScheduledChunk
 from lmforge.infer.engine.sequence import Sequence
@@ -34,10 +34,11 @@ DecodePath = Literal["packed", "eager", "cuda_graph"]
 
 class ModelRunner:
     """decode_path: how decode-only steps run: "packed" like any other step, "eager" or "cuda_graph" at static
-    shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA without tensor parallelism, else "packed"."""
+    shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA without tensor parallelism, else "packed".
+    decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`)."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl = "padded",
-                 decode_path: DecodePath | None = None):
+                 decode_path: DecodePath | None = None, decode_attention: DecodeAttention = "sdpa"):
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.config, self.block_size, self.impl = model.config, block_size, impl
@@ -51,7 +52,7 @@ class ModelRunner:
             raise ValueError(f"decode_path must be 'packed', 'eager' or 'cuda_graph', got {decode_path!r}")
         self.decode = None
         if decode_path != "packed" and impl == "padded":
-            self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path)
+            self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path, decode_attention)
 
     @torch.no_grad()
     def forward(self, chunks: list[ScheduledChunk]) -> Tensor:
