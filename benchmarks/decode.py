@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 import torch
 
 from lmforge import ModelConfig, Transformer
-from lmforge.infer.cache import make_cache
+from lmforge.infer.cache import cache_config, make_cache
 from lmforge.infer.decode_step import DecodeStep
 from lmforge.infer.generate import _left_pad, prefill, to_host_later
 from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
@@ -85,7 +85,8 @@ def free(*objs) -> None:
 def lmforge_decode(model: Transformer, prompt: list[int], n_new: int, mode: str, repeats: int,
                    profile: bool = False) -> dict:
     device = next(model.parameters()).device
-    cache = make_cache(model.config, 1, len(prompt) + n_new, device=device, dtype=next(model.parameters()).dtype)
+    # cache_config: under tensor parallelism (benchmarks/two_gpus.py) a rank caches only its own kv heads
+    cache = make_cache(cache_config(model), 1, len(prompt) + n_new, device=device, dtype=next(model.parameters()).dtype)
     step = DecodeStep(model, cache, mode)
     tokens, positions = _left_pad([prompt], device)
     greedy = SamplingParams(temperature=0, max_new_tokens=n_new, ignore_eos=True)
