@@ -106,3 +106,13 @@ def test_cuda_graph_mode_needs_cuda():
     with pytest.raises(ValueError, match="decode_path must be"):
         _engine(model, decode_path="graphs")
     assert DecodeGraphs  # imported for the module docstring's reader: the class under test
+
+
+def test_a_position_without_a_block_is_refused():
+    model = tiny_model("tiny")
+    engine = _engine(model)
+    decode = engine.runner.decode
+    with pytest.raises(AssertionError, match="position without a block"):
+        decode([1], [8], [[0, 1]])  # block size 4: position 8 needs a third block
+    with pytest.raises(AssertionError, match="freed block"):
+        decode([1], [5], [[-1, 1]])  # position 0..3 in a freed block, no window to excuse it

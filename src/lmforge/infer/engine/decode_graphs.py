@@ -133,6 +133,7 @@ class DecodeGraphs:
         rel = np.full((Bb, width), null_block, dtype=np.int64)  # (Bb, Kb / bs + 1) block entries from lo // bs
         for b, (table, a, p) in enumerate(zip(tables, lo, positions)):
             needed = table[a // bs : p // bs + 1]
+            assert len(needed) == p // bs - a // bs + 1, "position without a block: schedule the step first"
             rel[b, : len(needed)] = needed
         assert (rel >= 0).all(), "a key lies in a freed block"
         host = np.zeros((3, Bb), dtype=np.int64)  # tokens, positions, lo; padding rows: token 0 at position 0
