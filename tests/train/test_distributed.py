@@ -123,3 +123,15 @@ def test_tensor_parallel_with_fsdp_equals_one_process(masked_token_data, single_
     """4 processes as a (dp 2, tp 2) mesh: FSDP2 over dp, tensor parallelism over tp; the one-process losses."""
     _torchrun(_args(masked_token_data, tmp_path / "run", *STEPS, "--parallel.tensor_parallel", "2"), nproc=4)
     assert _losses(tmp_path / "run") == pytest.approx(single_process, rel=1e-5)
+
+
+def test_tensor_parallel_moe_training_equals_one_process(masked_token_data, tmp_path):
+    """MoE layers stay replicated under tensor parallelism (attention split, experts not): still the same
+    losses, gradient norms and router losses as one process."""
+    moe = ["--preset", "tiny-moe", "--train.steps", "3"]  # the later flags win over _args' own
+    _torchrun(_args(masked_token_data, tmp_path / "tp", *moe, "--parallel.tensor_parallel", "2"))
+    main(_args(masked_token_data, tmp_path / "one", *moe))
+    for key in ("loss", "grad_norm", "aux/load_balance", "aux/z_loss"):
+        ours = [r[key] for r in read_metrics(tmp_path / "tp" / "metrics.jsonl") if key in r]
+        theirs = [r[key] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if key in r]
+        assert len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-5), key
