@@ -77,9 +77,9 @@ def pretrain_args(data: Path, run: Path, quick: bool, *extra: str) -> list[str]:
 
 
 def step_records(run: Path) -> list[dict]:
-    from lmforge.train.metrics import read_metrics
+    from lmforge.train.metrics import read_step_metrics
 
-    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    return read_step_metrics(run / "metrics.jsonl")
 
 
 def scaling(data: Path, work: Path, args) -> list[dict]:

@@ -21,7 +21,7 @@ import torch
 from lmforge.models.config import ModelConfig
 from lmforge.train.config import DataConfig, RunConfig, TrainConfig
 from lmforge.train.evaluate import perplexity
-from lmforge.train.metrics import read_metrics
+from lmforge.train.metrics import read_metrics, read_step_metrics
 from lmforge.train.optim import OptimConfig
 
 OUT = Path("runs/demo")
@@ -63,9 +63,8 @@ def main(out: Path = OUT) -> None:
              run=RunConfig(dir=str(run_dir), checkpoint_every=TRAIN.steps, eval_every=TRAIN.steps // 4,
                            eval_batches=1000))
     train_seconds = time.perf_counter() - train_start
-    records = read_metrics(run_dir / "metrics.jsonl")
-    val = [r for r in records if "val/loss" in r]
-    steps = [r for r in records if "loss" in r]
+    val = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r]
+    steps = read_step_metrics(run_dir / "metrics.jsonl")
 
     print("[4/5] sampling from the trained model (temperature 0.8, top-k 40)")
     samples = sample(run_dir / "model")

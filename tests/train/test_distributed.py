@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from lmforge.cli import main
-from lmforge.train.metrics import read_metrics
+from lmforge.train.metrics import read_step_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _args(data_dir, run_dir, *extra):
 
 
 def _losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [r["loss"] for r in read_step_metrics(run_dir / "metrics.jsonl")]
 
 
 def _torchrun(args, nproc=2):
@@ -96,7 +96,7 @@ def test_activation_checkpointing_does_not_change_the_losses(policy, masked_toke
 
 
 def _grad_norms(run_dir):
-    return [r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl") if "grad_norm" in r]
+    return [r["grad_norm"] for r in read_step_metrics(run_dir / "metrics.jsonl")]
 
 
 def test_tensor_parallel_training_equals_one_process(masked_token_data, single_process, tmp_path):
@@ -132,6 +132,6 @@ def test_tensor_parallel_moe_training_equals_one_process(masked_token_data, tmp_
     _torchrun(_args(masked_token_data, tmp_path / "tp", *moe, "--parallel.tensor_parallel", "2"))
     main(_args(masked_token_data, tmp_path / "one", *moe))
     for key in ("loss", "grad_norm", "aux/load_balance", "aux/z_loss"):
-        ours = [r[key] for r in read_metrics(tmp_path / "tp" / "metrics.jsonl") if key in r]
-        theirs = [r[key] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if key in r]
+        ours = [r[key] for r in read_step_metrics(tmp_path / "tp" / "metrics.jsonl")]
+        theirs = [r[key] for r in read_step_metrics(tmp_path / "one" / "metrics.jsonl")]
         assert len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-5), key

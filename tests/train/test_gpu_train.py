@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.train.metrics import read_metrics
+from lmforge.train.metrics import read_step_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -20,7 +20,7 @@ def _run(data_dir, run_dir, *extra):
           "--train.steps", "5", "--train.global_batch_tokens", "2048", "--train.micro_batch_size", "4",
           "--train.seq_len", "128", "--optim.lr", "1e-2", "--optim.warmup_steps", "2", "--run.eval_every", "0",
           "--run.progress", "false", "--train.device", "cuda", *extra])
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [r["loss"] for r in read_step_metrics(run_dir / "metrics.jsonl")]
 
 
 @pytest.mark.parametrize("precision, rtol", [("fp32", 1e-4), ("bf16", 2e-2)])

@@ -12,7 +12,7 @@ from lmforge import ModelConfig, Transformer
 from lmforge.cli import main
 from lmforge.data import PackedLoader
 from lmforge.models.checkpoint import load_model
-from lmforge.train.metrics import read_metrics
+from lmforge.train.metrics import read_metrics, read_step_metrics
 from lmforge.train.runinfo import git_revision
 
 
@@ -26,7 +26,7 @@ def pretrain_args(data_dir, run_dir, *extra):
 
 
 def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [r["loss"] for r in read_step_metrics(run_dir / "metrics.jsonl")]
 
 
 def initial_model():
@@ -181,3 +181,21 @@ def test_init_from_our_folder_or_hugging_face_starts_from_those_weights(token_da
         main(args)
         assert losses(tmp_path / f"run-{source}")[0] == pytest.approx(expected, rel=1e-6), source
         assert load_model(tmp_path / f"run-{source}" / "model").config.sliding_window == 8
+
+
+def test_loss_spikes_are_logged_as_the_detector_sees_them(token_data, tmp_path):
+    """The loop feeds every loss to the spike detector and logs exactly the steps it flags: a run with a
+    learning rate high enough to make the loss jump, and a hair-trigger detector (window 2, 0 sigmas)."""
+    from lmforge.train.metrics import SpikeDetector
+
+    run = tmp_path / "run"
+    main(pretrain_args(token_data, run, "--train.steps", "8", "--optim.lr", "0.3", "--optim.warmup_steps", "1",
+                       "--train.spike_window", "2", "--train.spike_sigmas", "0"))
+    records = read_metrics(run / "metrics.jsonl")
+    detector = SpikeDetector(2, 0.0)
+    steps = read_step_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    expected = [r["step"] for r in steps if detector.update(r["loss"])[0]]
+    logged = [r["step"] for r in records if r.get("event") == "loss_spike"]
+    assert expected, "the run was meant to have a loss jump"
+    assert logged == expected

@@ -7,7 +7,7 @@ import time
 
 from lmforge.cli import main
 from lmforge.train.checkpointing import latest_checkpoint
-from lmforge.train.metrics import read_metrics
+from lmforge.train.metrics import read_metrics, read_step_metrics
 
 STEPS = 10
 
@@ -22,7 +22,7 @@ def args(data_dir, run_dir, *extra):
 
 
 def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [r["loss"] for r in read_step_metrics(run_dir / "metrics.jsonl")]
 
 
 def start(data_dir, run_dir, *extra):
@@ -71,7 +71,7 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_losses(token_d
     main(args(token_data, run, "--run.resume", "auto"))
     assert losses(run) == reference
     assert (run / "model" / "model.safetensors").exists()
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in read_step_metrics(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
 
 def test_stop_at_then_resume_without_checkpoints_gives_the_uninterrupted_losses(token_data, tmp_path):

@@ -157,3 +157,9 @@ class MetricsLogger:
 def read_metrics(path: Path) -> list[dict]:
     """All records of a `metrics.jsonl` file, in order."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_step_metrics(path: Path) -> list[dict]:
+    """The training-step records of a `metrics.jsonl` file (loss, lr, ...), in order: no validation records
+    and no events (a loss_spike event carries its loss too)."""
+    return [r for r in read_metrics(path) if "loss" in r and "event" not in r]
