@@ -120,8 +120,10 @@ def test_tensor_parallel_training_equals_one_process(masked_token_data, single_p
 
 
 def test_tensor_parallel_with_fsdp_equals_one_process(masked_token_data, single_process, tmp_path):
-    """4 processes as a (dp 2, tp 2) mesh: FSDP2 over dp, tensor parallelism over tp; the one-process losses."""
-    _torchrun(_args(masked_token_data, tmp_path / "run", *STEPS, "--parallel.tensor_parallel", "2"), nproc=4)
+    """4 processes as a (dp 2, tp 2) mesh: FSDP2 over dp, tensor parallelism over tp, every block recomputed
+    in the backward pass (activation checkpointing around tensor-parallel blocks); the one-process losses."""
+    _torchrun(_args(masked_token_data, tmp_path / "run", *STEPS, "--parallel.tensor_parallel", "2",
+                    "--parallel.activation_checkpointing", "full"), nproc=4)
     assert _losses(tmp_path / "run") == pytest.approx(single_process, rel=1e-5)
 
 

@@ -39,6 +39,26 @@ def test_degree_must_divide_the_heads():
         apply_tensor_parallel(Transformer(ModelConfig.from_name("tiny")), FakeMesh())
 
 
+def test_training_layouts_that_cannot_work_are_refused():
+    import torch
+
+    from lmforge.parallel import ParallelConfig, parallelize, training_mesh
+
+    with pytest.raises(ValueError, match="tensor_parallel \\(2\\) must divide the number of processes \\(1\\)"):
+        training_mesh(torch.device("cpu"), 2)
+
+    class FakeMesh:  # a (dp 1, tp 2) mesh as far as parallelize looks before applying anything
+        def __getitem__(self, name):
+            return self
+
+        def size(self):
+            return 1
+
+    model = Transformer(ModelConfig.from_name("tiny"))
+    with pytest.raises(ValueError, match="not ddp"):
+        parallelize(model, ParallelConfig(mode="ddp", tensor_parallel=2), torch.device("cpu"), FakeMesh())
+
+
 @pytest.mark.slow
 def test_generate_with_tensor_parallel_equals_one_process(tokenizer_512, tmp_path):
     """`lmforge generate --tensor_parallel 2` under torchrun writes the single-process tokens and log-probs."""
