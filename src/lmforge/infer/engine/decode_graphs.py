@@ -124,7 +124,8 @@ class DecodeGraphs:
         if shape.graph is None:
             self._capture(shape)
         shape.graph.replay()
-        return shape.logits[0, :B].float()
+        # a copy even in float32: the graph's output buffer is overwritten by the next replay
+        return shape.logits[0, :B].to(torch.float32, copy=True)
 
     def _fill(self, shape: _Shape, tokens, positions, tables, lo) -> None:
         """Host-side padded inputs (module docstring), copied into the shape's buffers."""
