@@ -23,11 +23,13 @@ def _run(data_dir, run_dir, *extra):
     return [r["loss"] for r in read_step_metrics(run_dir / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-4), ("bf16", 2e-2)])
-def test_compiled_equals_eager(precision, rtol, masked_token_data, tmp_path):
+@pytest.mark.parametrize("precision, rtol, checkpointing", [("fp32", 1e-4, "none"), ("bf16", 2e-2, "none"),
+                                                          ("bf16", 2e-2, "full")])
+def test_compiled_equals_eager(precision, rtol, checkpointing, masked_token_data, tmp_path):
+    """"full": compiled blocks inside activation checkpointing (the 7B configuration of benchmarks/two_gpus.py)."""
     torch._dynamo.reset()
     eager = _run(masked_token_data, tmp_path / "eager", "--train.precision", precision)
     compiled = _run(masked_token_data, tmp_path / "compiled", "--train.precision", precision,
-                    "--parallel.compile", "true")
+                    "--parallel.compile", "true", "--parallel.activation_checkpointing", checkpointing)
     assert len(eager) == 5
     assert compiled == pytest.approx(eager, rel=rtol)
