@@ -118,6 +118,29 @@ def drive(engine: LLMEngine, prompts, outs, rate: float | None, seed: int = 0) -
     }
 
 
+def profile_decode_steps(engine: LLMEngine, prompts, n_out: int, device: str, steps: int = 20) -> None:
+    """Print the kernels (and host time) of `steps` engine steps in the decode phase of `prompts`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i, p in enumerate(prompts):
+        engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=n_out, ignore_eos=True, seed=i))
+    while engine.counters.waiting or any(s.num_to_compute > 1 for s in engine.scheduler.running):
+        engine.step()  # pre-fill done: what follows is decode only
+    for _ in range(3):
+        engine.step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+    print(f"--- profile: {steps} decode steps of {len(prompts)} requests ---")
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    for seq in list(engine.seqs):
+        engine.abort(seq)
+
+
 def hf_generate(config: ModelConfig, device: str, dtype: torch.dtype, prompts, outs, batch: int) -> dict:
     """transformers' batched generate, static batches of `batch` in order; tokens/s counts requested tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,6 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--hf-requests", type=int, default=64, help="(b) requests the transformers baseline serves")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--profile", action="store_true", help="(a) print a kernel profile of 20 decode steps per path")
     ap.add_argument("--attention", default="padded", choices=["padded", "reference"])
     ap.add_argument("--decode-paths", default=None,
                     help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, each "
@@ -224,6 +248,9 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
             engine = LLMEngine(model, **(engine_kw | path_kw(path)))
             drive(engine, prompts[:4], [4] * 4, None)  # warm-up
             res = drive(engine, prompts, [O] * B, None)
+            if args.profile:
+                print(f"decode path {path}:")
+                profile_decode_steps(engine, prompts, O, device)
             res.update(case="a", config="tiny" if quick else "llama2-7b", decode_path=path, batch=B, prompt=P,
                        output=O, bandwidth_limit_tok_per_s=round(limit, 1),
                        fraction_of_limit=round(res["decode_tok_per_s"] / limit, 3) if res["decode_tok_per_s"] else None)

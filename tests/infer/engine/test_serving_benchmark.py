@@ -9,7 +9,7 @@ def test_serving_benchmark_quick():
     spec = importlib.util.spec_from_file_location("serving_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(["--quick", "--decode-paths", "packed,eager,eager/fused"])
+    rows = module.main(["--quick", "--decode-paths", "packed,eager,eager/fused", "--profile"])
     cases = [r["case"] for r in rows]
     assert cases == ["copy_bandwidth", "a", "a", "a", "a-transformers", "b", "b", "b-transformers"]
     assert [r.get("decode_path") for r in rows[1:4]] == ["packed", "eager", "eager/fused"]
