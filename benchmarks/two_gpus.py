@@ -166,7 +166,7 @@ def worker_tp(args) -> None:
     from decode import build, lmforge_decode
 
     from lmforge import ModelConfig
-    from lmforge.parallel import apply_tensor_parallel, init_distributed
+    from lmforge.parallel import apply_tensor_parallel, exit_distributed_worker, init_distributed
 
     device_type = "cpu" if args.quick else "cuda"
     rank, world = init_distributed(device_type)
@@ -191,6 +191,7 @@ def worker_tp(args) -> None:
         Path(args.json).write_text(json.dumps(results))
     if dist.is_initialized():
         dist.barrier()
+    exit_distributed_worker()  # (gloo can abort a finished rank at interpreter exit; see its NOTE)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

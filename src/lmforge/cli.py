@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if "lmforge.parallel" in sys.modules:  # the verb may have joined a process group (torchrun): end cleanly
+        sys.modules["lmforge.parallel"].exit_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Hkv / tp heads, decode steps from that cache, and the serving engine's greedy to
 paged pool of the rank's heads. Exits non-zero (an AssertionError) on any mismatch.
 """
 
+import os
 import sys
 
 import torch
@@ -73,6 +74,10 @@ def main(preset: str) -> None:
         for (_, a), (_, b) in zip(engine_tp, engine_ref):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), **TOL)
     dist.destroy_process_group()
+    # NOTE: as lmforge.parallel.exit_distributed_worker: gloo can abort a finished rank at interpreter exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
