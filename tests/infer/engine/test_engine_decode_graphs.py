@@ -116,3 +116,23 @@ def test_a_position_without_a_block_is_refused():
         decode([1], [8], [[0, 1]])  # block size 4: position 8 needs a third block
     with pytest.raises(AssertionError, match="freed block"):
         decode([1], [5], [[-1, 1]])  # position 0..3 in a freed block, no window to excuse it
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps(monkeypatch):
+    """If capturing fails (a kernel that cannot be captured, say), the request still gets the model's logits
+    and later steps run eagerly at static shapes."""
+    model = tiny_model("tiny")
+    engine = _engine(model)
+    decode = engine.runner.decode
+    decode.mode = "cuda_graph"  # as on a GPU; capturing is what fails here
+
+    def no_capture(shape):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode, "_capture", no_capture)
+    seqs, prompts = [random_seq(30, 90 + b) for b in range(3)], [5, 9, 2]
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
+        ours = forced_logits(engine, seqs, prompts)
+    assert decode.mode == "eager" and decode.steps > 10
+    for seq, P, logits in zip(seqs, prompts, ours):
+        assert_logits_close(logits, full_logits(model, seq)[P - 1 : -1])

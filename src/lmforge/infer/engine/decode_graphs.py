@@ -39,6 +39,7 @@ bucket), whose kernels read the keys in place (see its NOTE).
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -122,7 +123,13 @@ class DecodeGraphs:
         if self.mode == "eager":
             return self._step(shape)[0, :B].float()
         if shape.graph is None:
-            self._capture(shape)
+            try:
+                self._capture(shape)
+            except Exception as e:  # NOTE: a capture failure costs speed, never the request
+                warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decode "
+                              "steps run eagerly at static shapes from now on", RuntimeWarning, stacklevel=2)
+                self.mode = "eager"
+                return self._step(shape)[0, :B].float()
         shape.graph.replay()
         # a copy even in float32: the graph's output buffer is overwritten by the next replay
         return shape.logits[0, :B].to(torch.float32, copy=True)
