@@ -157,11 +157,16 @@ def test_score_equals_the_models_log_softmax():
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
-def test_weight_update_changes_outputs_to_the_new_models():
+def _old_copy_and_new(seed):
+    """The tiny model, a copy of it for the engine to update in place, and another random model."""
     old = tiny_model("tiny")
     model = Transformer(old.config).eval()
     model.load_state_dict(old.state_dict())
-    new = _random_model(old.config, seed=7)
+    return old, model, _random_model(old.config, seed=seed)
+
+
+def test_weight_update_changes_outputs_to_the_new_models():
+    old, model, new = _old_copy_and_new(seed=7)
     engine = _engine(model)
     seq = random_seq(20, 4)
     rid = engine.add_request(seq[:8], SamplingParams(temperature=0, max_new_tokens=30))
@@ -176,10 +181,7 @@ def test_weight_update_changes_outputs_to_the_new_models():
 
 
 def test_weight_update_mid_generation_recomputes_with_new_weights():
-    old = tiny_model("tiny")
-    model = Transformer(old.config).eval()
-    model.load_state_dict(old.state_dict())
-    new = _random_model(old.config, seed=8)
+    old, model, new = _old_copy_and_new(seed=8)
     engine = _engine(model)
     seq = random_seq(20, 4)
 
