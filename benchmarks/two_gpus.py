@@ -90,7 +90,7 @@ def scaling(data: Path, work: Path, args) -> list[dict]:
         run = work / f"scaling-{world}"
         extra = [*shapes, "--train.seq_len", str(T), "--train.micro_batch_size", str(B),
                  "--train.global_batch_tokens", str(T * B * world), "--train.steps", str(args.steps),
-                 "--run.checkpoint_every", str(10**9), "--parallel.compile", str(not args.quick).lower(),
+                 "--run.checkpoint_every", "0", "--parallel.compile", str(not args.quick).lower(),
                  "--parallel.mode", "fsdp" if world > 1 else "none"]
         torchrun(world, pretrain_args(data, run, args.quick, *extra), args.quick)
         steps = step_records(run)[args.warmup :]
