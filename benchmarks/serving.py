@@ -8,12 +8,14 @@ Run on the device machine (one H100), from the repository root:
 
 Weights are random (bf16 on CUDA); every request ignores the end-of-sequence token, so lengths are exact.
 
+Each engine first serves the whole workload once (its captures and compiles), then again for the figures.
 (a) All 64 requests at once. Decode tokens/s is measured over the steps where every scheduled chunk is a
     decode; its bandwidth limit is B / ((weight bytes + live KV bytes at the mean context) / copy bandwidth),
     the copy bandwidth measured in the same call (a device-to-device copy: read + write bytes / time).
 (b) Prompts ~ lognormal with mean about 200 tokens, outputs mean about 180 (long tails, clipped), sent all at
-    once and at fixed Poisson arrival rates. Per request: time to first token (TTFT, from arrival) and time
-    per output token (TPOT, (last - first token time) / (outputs - 1)); median and p99.
+    once (a first pass, reported as "b-first-pass", then the measured one) and at fixed Poisson arrival
+    rates. Per request: time to first token (TTFT, from arrival) and time per output token (TPOT,
+    (last - first token time) / (outputs - 1)); median and p99.
 Baseline: transformers `generate` on the same shapes and weights layout (random), static batches (all 64
 for (a); (b) in arrival order, batches of --hf-batch, each running to its longest output, on the first
 --hf-requests requests). Prints JSON lines; writes $OUT/serving.json when $OUT is set.
@@ -118,25 +120,36 @@ def drive(engine: LLMEngine, prompts, outs, rate: float | None, seed: int = 0) -
     }
 
 
-def profile_decode_steps(engine: LLMEngine, prompts, n_out: int, device: str, steps: int = 20) -> None:
-    """Print the kernels (and host time) of `steps` engine steps in the decode phase of `prompts`."""
+def profile_steps(engine: LLMEngine, prompts, outs: list[int], device: str, phase: str, steps: int = 20) -> None:
+    """Print the kernels (and host time) of `steps` engine steps of `prompts`: in their decode phase
+    (phase "decode": every pre-fill done first) or from their start (phase "mixed": pre-fill chunks and decodes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for i, p in enumerate(prompts):
-        engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=n_out, ignore_eos=True, seed=i))
-    while engine.counters.waiting or any(s.num_to_compute > 1 for s in engine.scheduler.running):
-        engine.step()  # pre-fill done: what follows is decode only
+    for i, (p, n) in enumerate(zip(prompts, outs)):
+        engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=n, ignore_eos=True, seed=i))
+    if phase == "decode":
+        while engine.counters.waiting or any(s.num_to_compute > 1 for s in engine.scheduler.running):
+            engine.step()  # pre-fill done: what follows is decode only
     for _ in range(3):
         engine.step()
     sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    t = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
         sync(device)
-    print(f"--- profile: {steps} decode steps of {len(prompts)} requests ---")
+    wall = time.perf_counter() - t
+    print(f"--- profile: {steps} {phase} steps of {len(prompts)} requests, {1e3 * wall / steps:.1f} ms a step "
+          f"(under the profiler) ---")
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    averages = prof.key_averages()
+    print(averages.table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    phases: dict[str, float] = {}  # NOTE: a range appears twice, on the host and as a GPU annotation (no CPU time)
+    for e in averages:
+        if e.key.startswith("engine."):
+            phases[e.key] = max(phases.get(e.key, 0.0), round(e.cpu_time_total / steps / 1e3, 2))
+    print(f"host ms a step by phase, waits for the GPU included: {json.dumps(phases)}")
     for seq in list(engine.seqs):
         engine.abort(seq)
 
@@ -193,8 +206,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--hf-requests", type=int, default=64, help="(b) requests the transformers baseline serves")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--profile", action="store_true", help="(a) print a kernel profile of 20 decode steps per path")
-    ap.add_argument("--attention", default="padded", choices=["padded", "reference"])
+    ap.add_argument("--profile", action="store_true",
+                    help="print a kernel profile: (a) of 20 decode steps per path, (b) of 20 steps from the start")
+    ap.add_argument("--attention", default=None, choices=["varlen", "padded", "reference"],
+                    help="attention of the packed steps (default: the engine's: varlen on CUDA, padded on the CPU)")
     ap.add_argument("--decode-paths", default=None,
                     help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, each "
                          "optionally /sdpa or /fused for its attention, e.g. cuda_graph/fused (default: cuda_graph on "
@@ -246,11 +261,11 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         limit = B / (step_bytes / bw)
         for path in paths:
             engine = LLMEngine(model, **(engine_kw | path_kw(path)))
-            drive(engine, prompts[:4], [4] * 4, None)  # warm-up
+            drive(engine, prompts, [O] * B, None)  # warm-up: captures and compiles for every shape of the run
             res = drive(engine, prompts, [O] * B, None)
             if args.profile:
                 print(f"decode path {path}:")
-                profile_decode_steps(engine, prompts, O, device)
+                profile_steps(engine, prompts, [O] * B, device, "decode")
             res.update(case="a", config="tiny" if quick else "llama2-7b", decode_path=path, batch=B, prompt=P,
                        output=O, bandwidth_limit_tok_per_s=round(limit, 1),
                        fraction_of_limit=round(res["decode_tok_per_s"] / limit, 3) if res["decode_tok_per_s"] else None)
@@ -275,11 +290,13 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         prompts = [torch.randint(3, config.vocab_size, (p,), generator=g).tolist() for p in P]
         model = build_model(config, device, dtype)
         engine = LLMEngine(model, **engine_kw)
-        drive(engine, prompts[:4], [4] * 4, None)  # warm-up
+        if args.profile:
+            profile_steps(engine, prompts, O, device, "mixed")
         rates = [None] + [float(r) for r in args.rates.split(",") if r]
-        for rate in ([None, 50.0] if quick else rates):
+        # the first pass (all at once) also warms up: CUDA graph captures and compiles of the shapes it meets
+        for i, rate in enumerate([None] + ([None, 50.0] if quick else rates)):
             res = drive(engine, prompts, O, rate)
-            res.update(case="b", config="tiny-swa" if quick else "mistral-7b", decode_path=paths[0],
+            res.update(case="b" if i else "b-first-pass", config="tiny-swa" if quick else "mistral-7b", decode_path=paths[0],
                        prompt_mean=round(statistics.mean(P), 1),
                        output_mean=round(statistics.mean(O), 1))
             emit(res)

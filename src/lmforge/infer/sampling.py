@@ -151,10 +151,10 @@ class SamplingBatch:
         B = len(params)
         # one host-to-device copy for all the float columns: (6, B)
         names = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
-        floats = torch.tensor([[getattr(p, n) for p in params] for n in names], dtype=torch.float32).to(device)
+        floats = _to_device(torch.tensor([[getattr(p, n) for p in params] for n in names], dtype=torch.float32), device)
         self.temperature, self.top_p, self.min_p = floats[0], floats[1], floats[2]
         self.repetition_penalty, self.frequency_penalty, self.presence_penalty = floats[3], floats[4], floats[5]
-        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device)
+        self.top_k = _to_device(torch.tensor([p.top_k for p in params], dtype=torch.long), device)
         # Host-side switches (from the parameters, never from tensor values).
         self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)
@@ -183,6 +183,18 @@ class SamplingBatch:
         """Count this step's sampled tokens (B,) for the penalties."""
         if self.output_counts is not None:
             self.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
+
+
+def _to_device(t: Tensor, device) -> Tensor:
+    """Copy a small host tensor to `device` without waiting for the GPU.
+
+    NOTE: a copy from pageable host memory first waits for everything queued on the stream (CUDA's rule for
+    pageable copies); from pinned memory it is queued like a kernel. The serving engine builds a batch while
+    the model's forward pass still runs: with pageable copies the host would idle until the forward ends.
+    """
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_penalties(

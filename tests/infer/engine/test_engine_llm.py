@@ -40,7 +40,7 @@ def _mixed(n_seqs=7, seed=0):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-swa", "tiny-moe"])
-@pytest.mark.parametrize("attention", ["reference", "padded"])
+@pytest.mark.parametrize("attention", ["reference", "padded", "varlen"])
 def test_concurrent_requests_equal_each_request_alone(preset, attention):
     """Many mixed-length requests share the steps (chunked pre-fill next to decodes); every request's logits
     equal the model's own without any cache, hence also those of the request run alone."""

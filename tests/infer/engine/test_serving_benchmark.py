@@ -11,7 +11,7 @@ def test_serving_benchmark_quick():
     spec.loader.exec_module(module)
     rows = module.main(["--quick", "--decode-paths", "packed,eager,eager/fused", "--profile"])
     cases = [r["case"] for r in rows]
-    assert cases == ["copy_bandwidth", "a", "a", "a", "a-transformers", "b", "b", "b-transformers"]
+    assert cases == ["copy_bandwidth", "a", "a", "a", "a-transformers", "b-first-pass", "b", "b", "b-transformers"]
     assert [r.get("decode_path") for r in rows[1:4]] == ["packed", "eager", "eager/fused"]
     for r in rows[1:]:
         assert r["requests_per_s"] > 0 and r["output_tok_per_s"] > 0

@@ -19,18 +19,25 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping, Sequence as Seq
+from typing import AsyncIterator, Mapping
+from typing import Sequence as Seq
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.profiler import record_function
 
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.block_manager import BlockManager
 from lmforge.infer.engine.decode_graphs import DecodeAttention
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
 from lmforge.infer.engine.runner import DecodePath, ModelRunner
-from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
+from lmforge.infer.engine.scheduler import (
+    RequestRefused,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from lmforge.infer.engine.sequence import FinishReason, Sequence
 from lmforge.infer.sampling import SamplingParams
 from lmforge.models.transformer import Transformer
@@ -79,7 +86,9 @@ class LLMEngine:
         max_num_batched_tokens, max_num_seqs, max_waiting, watermark_blocks: see `SchedulerConfig`; the
             watermark defaults to 1% of the blocks (vLLM's default).
         eos_id: end-of-sequence id (ends a request unless its `ignore_eos`).
-        attention: "padded" (batched SDPA) or "reference" (dense, explicit softmax).
+        attention: the packed steps' attention: "varlen" (one flash call per layer), "padded" (batched SDPA per
+            group) or "reference" (dense, explicit softmax); default: "varlen" on CUDA in bf16 / fp16, else
+            "padded" (paged_attention.py).
         decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
             decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
         decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA) or
@@ -99,7 +108,7 @@ class LLMEngine:
         max_waiting: int = 1024,
         watermark_blocks: int | None = None,
         eos_id: int | None = None,
-        attention: PagedImpl = "padded",
+        attention: PagedImpl | None = None,
         decode_path: DecodePath | None = None,
         decode_attention: DecodeAttention = "sdpa",
         check_invariants: bool = False,
@@ -176,20 +185,26 @@ class LLMEngine:
         if not out.chunks:
             return []
         if sampled:
-            result = self.runner.sample(sampled, logits)
-            tokens = result.tokens.tolist()  # the one host sync per step
+            with record_function("engine.sample"):
+                result = self.runner.sample(sampled, logits)
+            with record_function("engine.wait"):
+                tokens = result.tokens.tolist()  # the one host sync per step
             logprobs = result.logprobs.tolist() if result.logprobs is not None else None
             top = (result.top_ids.tolist(), result.top_logprobs.tolist()) if result.top_ids is not None else None
         else:
             tokens, logprobs, top = [], None, None
-        return self._advance(out, sampled, tokens, logprobs, top)
+        with record_function("engine.advance"):
+            return self._advance(out, sampled, tokens, logprobs, top)
 
     def _forward(self) -> tuple[SchedulerOutput, list[Sequence], Tensor | None]:
-        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V))."""
-        out = self.scheduler.schedule()
+        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V)).
+        (The record_function ranges name the phases of a step in a profile: benchmarks/serving.py --profile.)"""
+        with record_function("engine.schedule"):
+            out = self.scheduler.schedule()
         if not out.chunks:
             return out, [], None
-        logits = self.runner.forward(out.chunks)
+        with record_function("engine.forward"):
+            logits = self.runner.forward(out.chunks)
         return out, [c.seq for c in out.chunks if c.samples], logits
 
     def _advance(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int], logprobs=None, top=None):

@@ -35,7 +35,9 @@ implementations compute the same function (STYLE.md item 6, tests/infer/engine/t
     "reference"  one dense (N, sum K_s) attention over the packed batch; a query sees only its own sequence's
                  keys (the sequence index acts as a document id). Explicit softmax; slow, obvious.
     "padded"     one SDPA call per group over (G, Qmax) queries and (G, Kmax) gathered keys.
-NOTE: both gather each sequence's keys out of the pool (a copy); a kernel that reads the blocks in place
+    "varlen"     one variable-length (flash) attention call over the whole step, with its own flat metadata
+                 (`PackedMetadata.varlen`, built by varlen.py's `build_varlen` instead of the groups).
+NOTE: all three gather each sequence's keys out of the pool (a copy); a kernel that reads the blocks in place
 (FlexAttention over the pool, a Triton paged kernel) is the faster path still to add for the GPU.
 """
 
@@ -49,10 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.infer.engine.varlen import VarlenArgs, varlen_attention
 from lmforge.models.attention import allowed_mask, reference_attention, sdpa_attention
 from lmforge.models.config import ModelConfig
 
-PagedImpl = Literal["reference", "padded"]
+PagedImpl = Literal["reference", "padded", "varlen"]
 
 
 class PagedKVPool:
@@ -92,6 +95,7 @@ class PackedMetadata:
     positions: Tensor  # (N,)
     slot_mapping: Tensor  # (N,)
     groups: list[AttentionGroup]
+    varlen: VarlenArgs | None = None  # the "varlen" impl's metadata (its groups are empty)
 
 
 def build_metadata(
@@ -158,8 +162,10 @@ class PagedAttention:
 
     def __init__(self, pool: PagedKVPool, meta: PackedMetadata, window: int | None, impl: PagedImpl = "padded",
                  decode_kernel: Callable[..., Tensor] | None = None):
-        if impl not in ("reference", "padded"):
-            raise ValueError(f"paged attention impl must be 'reference' or 'padded', got {impl!r}")
+        if impl not in ("reference", "padded", "varlen"):
+            raise ValueError(f"paged attention impl must be 'reference', 'padded' or 'varlen', got {impl!r}")
+        if (impl == "varlen") != (meta.varlen is not None):
+            raise ValueError("the 'varlen' impl takes metadata from build_varlen, the others from build_metadata")
         self.pool, self.meta, self.window, self.impl = pool, meta, window, impl
         self.decode_kernel = decode_kernel
         # one mask per group for the whole step, shared by every layer: (G, 1, Qmax, Kmax)
@@ -175,6 +181,10 @@ class PagedAttention:
         vp.index_copy_(0, self.meta.slot_mapping, v[0].transpose(0, 1))
         if self.impl == "reference":
             return _reference(q, kp, vp, self.meta, self.window)
+        if self.impl == "varlen":
+            a = self.meta.varlen
+            out = varlen_attention(q[0].transpose(0, 1), kp[a.key_slots], vp[a.key_slots], a, self.window)  # (N, H, D)
+            return out.transpose(0, 1)[None]
         return _padded(q, k, v, kp, vp, self.meta, self.masks, self.decode_kernel)
 
 

@@ -22,12 +22,18 @@ from torch import Tensor
 
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.decode_graphs import DecodeAttention, DecodeGraphs
-from lmforge.infer.engine.paged_attention import PagedAttention, PagedImpl, PagedKVPool, build_metadata
+from lmforge.infer.engine.paged_attention import (
+    PackedMetadata,
+    PagedAttention,
+    PagedImpl,
+    PagedKVPool,
+    build_metadata,
+)
 from lmforge.infer.engine.scheduler import ScheduledChunk
 from lmforge.infer.engine.sequence import Sequence
+from lmforge.infer.engine.varlen import build_varlen
 from lmforge.infer.sampling import SampleOutput, SamplingBatch, sample
 from lmforge.models.transformer import Transformer
-
 
 DecodePath = Literal["packed", "eager", "cuda_graph"]
 
@@ -35,12 +41,17 @@ DecodePath = Literal["packed", "eager", "cuda_graph"]
 class ModelRunner:
     """decode_path: how decode-only steps run: "packed" like any other step, "eager" or "cuda_graph" at static
     shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA without tensor parallelism, else "packed".
-    decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`)."""
+    decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`).
+    impl: the packed steps' attention (paged_attention.py); None picks "varlen" (one flash call per layer) on
+    CUDA in bf16 / fp16, else "padded"."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl = "padded",
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl | None = None,
                  decode_path: DecodePath | None = None, decode_attention: DecodeAttention = "sdpa"):
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
+        if impl is None:
+            flash = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+            impl = "varlen" if flash else "padded"
         self.config, self.block_size, self.impl = model.config, block_size, impl
         # cache_config: under tensor parallelism a rank's pool holds only its own kv heads
         self.pool = PagedKVPool(cache_config(model), num_blocks, block_size, self.device, self.dtype)
@@ -51,7 +62,7 @@ class ModelRunner:
         if decode_path not in ("packed", "eager", "cuda_graph"):
             raise ValueError(f"decode_path must be 'packed', 'eager' or 'cuda_graph', got {decode_path!r}")
         self.decode = None
-        if decode_path != "packed" and impl == "padded":
+        if decode_path != "packed" and impl != "reference":
             self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path, decode_attention)
 
     @torch.no_grad()
@@ -63,10 +74,13 @@ class ModelRunner:
             if logits is not None:
                 return logits
         tokens = [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.num_tokens]]
-        meta = build_metadata(
-            [c.start for c in chunks], [c.num_tokens for c in chunks], [c.seq.block_table for c in chunks],
-            self.block_size, self.config.sliding_window, self.device,
-        )
+        geometry = ([c.start for c in chunks], [c.num_tokens for c in chunks], [c.seq.block_table for c in chunks],
+                    self.block_size, self.config.sliding_window, self.device)
+        if self.impl == "varlen":
+            positions, slot_mapping, varlen = build_varlen(*geometry)
+            meta = PackedMetadata(positions, slot_mapping, groups=[], varlen=varlen)
+        else:
+            meta = build_metadata(*geometry)
         ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1  # (S,) packed index of each last token
         last = ends[torch.tensor([c.samples for c in chunks], dtype=torch.bool)]  # (K,)
         cache = PagedAttention(self.pool, meta, self.config.sliding_window, self.impl)
