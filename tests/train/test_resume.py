@@ -89,3 +89,5 @@ def test_stop_at_then_resume_without_checkpoints_gives_the_uninterrupted_losses(
     assert losses(run) == reference
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000004"]
     assert (run / "model" / "model.safetensors").exists()
+    main(args(token_data, tmp_path / "unsaved", "--run.checkpoint_every", "0", "--run.save_model", "false"))
+    assert losses(tmp_path / "unsaved") == reference and not (tmp_path / "unsaved" / "model").exists()

@@ -112,6 +112,8 @@ class RunConfig:
         stop_at: End the run when it completes this step, with a checkpoint, as SIGTERM does; the schedule still
             runs to train.steps, and the same command with `--run.resume auto` continues past it to the end.
         keep_checkpoints: Complete checkpoints kept; older ones are deleted after each save.
+        save_model: Write the trained model to dir/model at the end (off: runs that only measure steps, such
+            as benchmarks/two_gpus.py's 7B run, skip gathering and writing 27 GB).
         eval_every: Compute the validation loss every this many steps (and at the end); 0 switches it off.
         eval_batches: Batches of data.val_split per validation: the split's first samples in order, each at
             most once (a large value covers the whole split).
@@ -127,6 +129,7 @@ class RunConfig:
     checkpoint_every: int = 1000
     stop_at: int | None = None
     keep_checkpoints: int = 2
+    save_model: bool = True
     eval_every: int = 1000
     eval_batches: int = 10
     tensorboard: bool = True

@@ -240,6 +240,8 @@ def pretrain(
         stop.restore()
         logger.close()
 
+    if not run.save_model:
+        return run_dir
     # Gathered to full tensors on every rank (a collective under FSDP2), written by rank 0 alone.
     full_state = full_model_state_dict(net)
     if rank == 0:
