@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="attention of the packed steps (default: the engine's: varlen on CUDA, padded on the CPU)")
     ap.add_argument("--decode-paths", default=None,
                     help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, each "
-                         "optionally /sdpa or /fused for its attention, e.g. cuda_graph/fused (default: cuda_graph on "
-                         "CUDA, packed on the CPU); (b) uses the first")
+                         "optionally /sdpa or /fused for its attention (else the engine's default: fused on CUDA), "
+                         "e.g. cuda_graph/sdpa (default: cuda_graph on CUDA, packed on the CPU); (b) uses the first")
     args = ap.parse_args(argv)
     quick, only = args.quick, set(args.only.split(","))
     device = "cpu" if quick or not torch.cuda.is_available() else "cuda"
@@ -238,9 +238,9 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
     emit({"case": "copy_bandwidth", "device": device, "GB_per_s": round(bw / 1e9, 1)})
     paths = (args.decode_paths or ("cuda_graph" if device == "cuda" else "packed")).split(",")
 
-    def path_kw(path: str) -> dict:  # "cuda_graph/fused" -> decode_path="cuda_graph", decode_attention="fused"
+    def path_kw(path: str) -> dict:  # "cuda_graph/sdpa" -> decode_path="cuda_graph", decode_attention="sdpa"
         name, _, attention = path.partition("/")
-        return {"decode_path": name, "decode_attention": attention or "sdpa"}
+        return {"decode_path": name, "decode_attention": attention or None}
 
     engine_kw = dict(block_size=16, max_num_batched_tokens=256 if quick else 4096, max_num_seqs=64 if quick else 256,
                      attention=args.attention, **path_kw(paths[0]))

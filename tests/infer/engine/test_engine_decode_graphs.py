@@ -120,10 +120,12 @@ def test_a_position_without_a_block_is_refused():
 
 def test_a_failed_graph_capture_falls_back_to_eager_steps(monkeypatch):
     """If capturing fails (a kernel that cannot be captured, say), the request still gets the model's logits
-    and later steps run eagerly at static shapes."""
+    and later steps run eagerly at static shapes, with SDPA rather than the fused attention (which may be what
+    failed to capture)."""
     model = tiny_model("tiny")
-    engine = _engine(model)
+    engine = _engine(model, decode_attention="fused")
     decode = engine.runner.decode
+    assert decode.kernel is not None
     decode.mode = "cuda_graph"  # as on a GPU; capturing is what fails here
 
     def no_capture(shape):
@@ -133,6 +135,6 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(monkeypatch):
     seqs, prompts = [random_seq(30, 90 + b) for b in range(3)], [5, 9, 2]
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
         ours = forced_logits(engine, seqs, prompts)
-    assert decode.mode == "eager" and decode.steps > 10
+    assert decode.mode == "eager" and decode.kernel is None and decode.steps > 10
     for seq, P, logits in zip(seqs, prompts, ours):
         assert_logits_close(logits, full_logits(model, seq)[P - 1 : -1])

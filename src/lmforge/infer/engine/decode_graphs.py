@@ -127,8 +127,9 @@ class DecodeGraphs:
                 self._capture(shape)
             except Exception as e:  # NOTE: a capture failure costs speed, never the request
                 warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decode "
-                              "steps run eagerly at static shapes from now on", RuntimeWarning, stacklevel=2)
-                self.mode = "eager"
+                              "steps run eagerly at static shapes with SDPA attention from now on", RuntimeWarning,
+                              stacklevel=2)
+                self.mode, self.kernel = "eager", None  # (the compiled attention may be what failed)
                 return self._step(shape)[0, :B].float()
         shape.graph.replay()
         # a copy even in float32: the graph's output buffer is overwritten by the next replay

@@ -92,7 +92,8 @@ class LLMEngine:
         decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
             decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
         decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA) or
-            "fused" (compiled kernels that read the keys in place; decode_graphs.py).
+            "fused" (compiled kernels that read the keys in place; decode_graphs.py); default: "fused" on CUDA,
+            else "sdpa".
         check_invariants: assert the block manager's invariants after every schedule (tests).
     """
 
@@ -110,7 +111,7 @@ class LLMEngine:
         eos_id: int | None = None,
         attention: PagedImpl | None = None,
         decode_path: DecodePath | None = None,
-        decode_attention: DecodeAttention = "sdpa",
+        decode_attention: DecodeAttention | None = None,
         check_invariants: bool = False,
     ):
         self.model, self.config, self.eos_id = model, model.config, eos_id

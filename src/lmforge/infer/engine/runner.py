@@ -41,12 +41,13 @@ DecodePath = Literal["packed", "eager", "cuda_graph"]
 class ModelRunner:
     """decode_path: how decode-only steps run: "packed" like any other step, "eager" or "cuda_graph" at static
     shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA without tensor parallelism, else "packed".
-    decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`).
+    decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`); None picks "fused" on CUDA
+    (measured faster: benchmarks/RESULTS.md, serving (a)), else "sdpa".
     impl: the packed steps' attention (paged_attention.py); None picks "varlen" (one flash call per layer) on
     CUDA in bf16 / fp16, else "padded"."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, impl: PagedImpl | None = None,
-                 decode_path: DecodePath | None = None, decode_attention: DecodeAttention = "sdpa"):
+                 decode_path: DecodePath | None = None, decode_attention: DecodeAttention | None = None):
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         if impl is None:
@@ -63,6 +64,8 @@ class ModelRunner:
             raise ValueError(f"decode_path must be 'packed', 'eager' or 'cuda_graph', got {decode_path!r}")
         self.decode = None
         if decode_path != "packed" and impl != "reference":
+            if decode_attention is None:
+                decode_attention = "fused" if self.device.type == "cuda" else "sdpa"
             self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path, decode_attention)
 
     @torch.no_grad()
