@@ -52,6 +52,8 @@ def test_varlen_metadata_reads_only_the_window():
     assert a.key_slots.tolist() == [15, 20, 21, 22, 24, 25] and a.cu_k.tolist() == [0, 4, 6]
     with pytest.raises(AssertionError, match="freed block"):
         build_varlen([9], [2], [[-1, 3, 5]], block_size=4, window=7, device="cpu")  # would read position 3
+    with pytest.raises(AssertionError, match="has none"):
+        build_varlen([9], [4], [[-1, 3, 5]], block_size=4, window=3, device="cpu")  # position 12 has no block
 
 
 def _metadata(impl, starts, lengths, tables, bs, window):

@@ -58,7 +58,8 @@ def build_varlen(
     cu_k[1:], cu_q[1:] = np.cumsum(k_len), np.cumsum(n)
     seq = np.repeat(np.arange(S), k_len)  # (Kt,) sequence of each key
     key_pos = np.arange(cu_k[-1]) - cu_k[:-1][seq] + lo[seq]  # (Kt,) lo_s, lo_s + 1, .., e_s - 1 per sequence
-    table = np.full((S, max(len(t) for t in tables)), -1, dtype=np.int64)  # (S, blocks), -1: missing or freed
+    width = max(max(len(t) for t in tables), int((start + n).max() - 1) // bs + 1)
+    table = np.full((S, width), -1, dtype=np.int64)  # (S, blocks), -1: missing or freed
     for s, t in enumerate(tables):
         table[s, : len(t)] = t
     blocks = table[seq, key_pos // bs]
