@@ -232,10 +232,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for part, fn in (("scaling", lambda: scaling(data, work, args)), ("7b", lambda: seven_b(data, work, args)),
                      ("tp", lambda: tp_decode(args))):
         if part in only:
+            t0 = time.perf_counter()
             try:
                 emit(fn())
             except Exception as e:  # a failing part must not lose the others' figures
                 emit([{"part": part, "error": f"{type(e).__name__}: {e}"[-3000:]}])
+            print(f"[{part}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)  # to plan device time
     if os.environ.get("OUT"):
         import torch
 
