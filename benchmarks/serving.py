@@ -296,8 +296,8 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         # the first pass (all at once) also warms up: CUDA graph captures and compiles of the shapes it meets
         for i, rate in enumerate([None] + ([None, 50.0] if quick else rates)):
             res = drive(engine, prompts, O, rate)
-            res.update(case="b" if i else "b-first-pass", config="tiny-swa" if quick else "mistral-7b", decode_path=paths[0],
-                       prompt_mean=round(statistics.mean(P), 1),
+            res.update(case="b" if i else "b-first-pass", config="tiny-swa" if quick else "mistral-7b",
+                       decode_path=paths[0], prompt_mean=round(statistics.mean(P), 1),
                        output_mean=round(statistics.mean(O), 1))
             emit(res)
         del engine, model

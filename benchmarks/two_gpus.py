@@ -139,7 +139,8 @@ def seven_b(data: Path, work: Path, args) -> list[dict]:
     mfu = [r["mfu"] for r in after if r.get("mfu") is not None]
     return [{"part": "7b", "steps": n, "seq_len": T, "losses": [round(x, 4) for x in losses],
              "stopped_and_resumed_at": half, "resumed_run_losses": [round(x, 4) for x in resumed],
-             "resume_max_rel_diff": max(abs(x - y) / abs(y) for x, y in zip(resumed, losses)) if args.reference_7b else None,
+             "resume_max_rel_diff": (max(abs(x - y) / abs(y) for x, y in zip(resumed, losses))
+                                     if args.reference_7b else None),
              "loss_fell": losses[-1] < losses[0],
              "tokens_per_s_per_gpu": round(statistics.median(r["tokens_per_s"] for r in after) / 2, 1),
              "mfu": round(statistics.median(mfu), 4) if mfu else None,

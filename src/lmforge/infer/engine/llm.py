@@ -19,8 +19,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping
-from typing import Sequence as Seq
+from typing import AsyncIterator, Mapping, Sequence as Seq
 
 import torch
 import torch.nn as nn
@@ -32,12 +31,7 @@ from lmforge.infer.engine.block_manager import BlockManager
 from lmforge.infer.engine.decode_graphs import DecodeAttention
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
 from lmforge.infer.engine.runner import DecodePath, ModelRunner
-from lmforge.infer.engine.scheduler import (
-    RequestRefused,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerOutput,
-)
+from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.infer.engine.sequence import FinishReason, Sequence
 from lmforge.infer.sampling import SamplingParams
 from lmforge.models.transformer import Transformer
