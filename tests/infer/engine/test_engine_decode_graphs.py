@@ -105,6 +105,8 @@ def test_cuda_graph_mode_needs_cuda():
         _engine(model, decode_path="cuda_graph")
     with pytest.raises(ValueError, match="decode_path must be"):
         _engine(model, decode_path="graphs")
+    with pytest.raises(ValueError, match="attention must be 'varlen', 'padded' or 'reference'"):
+        _engine(model, attention="flash")  # refused when the engine is built, not at its first step
     assert DecodeGraphs  # imported for the module docstring's reader: the class under test
 
 

@@ -53,6 +53,8 @@ class ModelRunner:
         if impl is None:
             flash = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
             impl = "varlen" if flash else "padded"
+        if impl not in ("reference", "padded", "varlen"):
+            raise ValueError(f"attention must be 'varlen', 'padded' or 'reference', got {impl!r}")
         self.config, self.block_size, self.impl = model.config, block_size, impl
         # cache_config: under tensor parallelism a rank's pool holds only its own kv heads
         self.pool = PagedKVPool(cache_config(model), num_blocks, block_size, self.device, self.dtype)
