@@ -15,9 +15,10 @@ Every multi-process part runs the real entry points under `torchrun` (one subpro
              fused linear cross-entropy: on 1 GPU (no sharding, bf16 autocast) and on 2 GPUs (FSDP2, bf16
              parameters for compute, fp32 reduction), the same micro-batch per GPU. tokens/s per GPU is the
              median over the steps after --warmup; efficiency = tok/s per GPU on 2 / tok/s on 1.
-    7b       `lmforge pretrain --preset llama2-7b` on 2 GPUs: FSDP2 full shard, full activation checkpointing,
-             sequence 4096, micro-batch 1, --steps-7b steps; then the same run stopped half-way (--run.stop_at,
-             a sharded checkpoint) and resumed to the end. Reports the losses (they must fall), MFU (pretrain's
+    7b       `lmforge pretrain --preset llama2-7b` on 2 GPUs: FSDP2 full shard, activation checkpointing as the
+             card's memory needs (--ac-7b), sequence 4096, micro-batch 1, --accum-7b micro-batches per GPU per
+             step, --steps-7b steps; then the same run stopped half-way (--run.stop_at, a sharded checkpoint)
+             and resumed to the end. Reports the losses (they must fall), MFU (pretrain's
              own metric: 6N + 12LdT per token over 989 TFLOP/s per GPU) and how far the stopped-and-resumed
              losses are from the uninterrupted ones (--no-7b-reference skips the uninterrupted run: the
              stopped-and-resumed run alone, when device time is short). No run writes the final 27 GB model.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +50,9 @@ TINY = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "-
 
 
 def torchrun(nproc: int, args: list[str], quick: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # expandable segments: the 7B run without activation checkpointing fills most of a card, and the
+    # allocator's fragmentation would otherwise be what runs out first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parents[1] / "src"), env.get("PYTHONPATH")]))
     if quick:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -114,38 +118,62 @@ def seven_b(data: Path, work: Path, args) -> list[dict]:
     half = n // 2
     shapes = TINY if args.quick else ["--preset", "llama2-7b"]
     T = 128 if args.quick else 4096
+    ac = activation_checkpointing_7b(args)
     common = [*shapes, "--train.seq_len", str(T), "--train.micro_batch_size", "1", "--train.global_batch_tokens",
-              str(2 * T), "--train.steps", str(n), "--run.checkpoint_every", "0", "--parallel.mode", "fsdp",
-              "--parallel.activation_checkpointing", "full", "--parallel.compile", str(not args.quick).lower(),
+              str(2 * T * args.accum_7b), "--train.steps", str(n), "--run.checkpoint_every", "0",
+              "--parallel.mode", "fsdp", "--parallel.activation_checkpointing", ac,
+              "--parallel.compile", str(not args.quick).lower(),
               # NOTE: from random initialisation a 7B model's first Adam steps move every weight by about lr;
               # at Llama 2's 3e-4 (which it reaches after 2,000 warm-up steps) 2 warm-up steps made the loss
-              # jump 10.9 -> 30 (device run of 2026-11-26); 3e-5 lets it fall within these few steps
-              "--optim.warmup_steps", "2", "--optim.lr", "3e-5", "--run.save_model", "false"]
+              # jump 10.9 -> 30, and at 3e-5 it fell at 1.5e-5 (the first warm-up step), then rose to 11.8
+              # (device runs of 2026-11-26); 1e-5 stays below both
+              "--optim.warmup_steps", "2", "--optim.lr", "1e-5", "--run.save_model", "false"]
+    # the profiled step (the first measured one of the stopped run) is left out of the medians
+    profiled = args.warmup + 1 if args.profile_7b else None
+    profile = ["--run.profile_at", str(profiled), "--run.profile_steps", "1"] if profiled else []
     whole, stopped = work / "7b", work / "7b-stopped"
     t0 = time.perf_counter()
     if args.reference_7b:
         torchrun(2, pretrain_args(data, whole, args.quick, *common), args.quick)
     wall = time.perf_counter() - t0
-    torchrun(2, pretrain_args(data, stopped, args.quick, *common, "--run.stop_at", str(half)), args.quick)
+    torchrun(2, pretrain_args(data, stopped, args.quick, *common, *profile, "--run.stop_at", str(half)), args.quick)
     ckpt = stopped / "checkpoints" / f"step_{half:06d}"
     files = sorted(p.name for p in ckpt.iterdir())
     size = sum(p.stat().st_size for p in ckpt.iterdir())
     torchrun(2, pretrain_args(data, stopped, args.quick, *common, "--run.resume", "auto"), args.quick)
+    if profiled and os.environ.get("OUT"):
+        shutil.copy(stopped / "profile" / "top_ops.txt", Path(os.environ["OUT"]) / "7b_top_ops.txt")
     b = step_records(stopped)
     a = step_records(whole) if args.reference_7b else b
     losses, resumed = [r["loss"] for r in a], [r["loss"] for r in b]
     # the resumed run's first steps compile again: its medians skip --warmup steps after the resume too
     after = a[args.warmup :] if args.reference_7b else b[args.warmup : half] + b[half + args.warmup :]
+    after = [r for r in after if r["step"] != profiled]
     mfu = [r["mfu"] for r in after if r.get("mfu") is not None]
-    return [{"part": "7b", "steps": n, "seq_len": T, "losses": [round(x, 4) for x in losses],
+    return [{"part": "7b", "steps": n, "seq_len": T, "activation_checkpointing": ac,
+             "tokens_per_step": 2 * T * args.accum_7b, "losses": [round(x, 4) for x in losses],
              "stopped_and_resumed_at": half, "resumed_run_losses": [round(x, 4) for x in resumed],
              "resume_max_rel_diff": (max(abs(x - y) / abs(y) for x, y in zip(resumed, losses))
                                      if args.reference_7b else None),
              "loss_fell": losses[-1] < losses[0],
              "tokens_per_s_per_gpu": round(statistics.median(r["tokens_per_s"] for r in after) / 2, 1),
              "mfu": round(statistics.median(mfu), 4) if mfu else None,
+             "step_time_s": [round(r["step_time_s"], 3) for r in b],
              "wall_s_uninterrupted": round(wall, 1) if args.reference_7b else None,
              "checkpoint_files": files, "checkpoint_gb": round(size / 1e9, 2)}]
+
+
+def activation_checkpointing_7b(args) -> str:
+    """--ac-7b, with "auto": none where a GPU holds the 7B states of one of 2 ranks (54 GB: fp32 parameters,
+    gradients and two AdamW moments, halved) plus 32 blocks' activations at 4096 tokens (about 17 GB) with room
+    to spare (H200, 141 GB), selective (every other block recomputed) on 80 GB cards."""
+    if args.ac_7b != "auto":
+        return args.ac_7b
+    if args.quick:
+        return "full"
+    import torch
+
+    return "none" if torch.cuda.get_device_properties(0).total_memory >= 100 * 2**30 else "selective"
 
 
 def tp_decode(args) -> list[dict]:
@@ -208,6 +236,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=12, help="scaling: steps per run")
     ap.add_argument("--steps-7b", type=int, default=8, help="7b: steps of the first run (checkpoint half-way)")
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (compile, allocator)")
+    ap.add_argument("--ac-7b", default="auto", choices=["auto", "none", "selective", "full"],
+                    help="7b: activation checkpointing (auto: none on cards of 100 GiB or more, else selective)")
+    ap.add_argument("--accum-7b", type=int, default=2, help="7b: micro-batches of 4096 tokens per GPU per step")
+    ap.add_argument("--profile-7b", action="store_true",
+                    help="7b: profile the first measured step (rank 0's top ops to $OUT/7b_top_ops.txt)")
     ap.add_argument("--no-7b-reference", dest="reference_7b", action="store_false",
                     help="7b: skip the uninterrupted run (report the stopped-and-resumed run alone)")
     ap.add_argument("--tp-modes", default="cuda_graph,compile", help="tp: decode modes (eager: add it)")

@@ -199,3 +199,24 @@ def test_loss_spikes_are_logged_as_the_detector_sees_them(token_data, tmp_path):
     logged = [r["step"] for r in records if r.get("event") == "loss_spike"]
     assert expected, "the run was meant to have a loss jump"
     assert logged == expected
+
+
+@pytest.mark.parametrize("window", [("2", "1"), ("3", "4")], ids=["inside-the-run", "past-the-end"])
+def test_profiled_steps_write_a_trace_and_a_table_and_train_the_same(token_data, tmp_path, window):
+    """--run.profile_at/--run.profile_steps: the trace and the top-ops table are written (also when the run ends
+    inside the window), and profiling does not change the losses (the first 3 match the golden run's: warm-up
+    lasts 2 steps, so updates 1 and 2 do not depend on train.steps)."""
+    run = tmp_path / "run"
+    main(pretrain_args(token_data, run, "--train.steps", "3", "--run.checkpoint_every", "0", "--run.eval_every", "0",
+                       "--run.profile_at", window[0], "--run.profile_steps", window[1]))
+    assert losses(run) == pytest.approx(GOLDEN[:3], rel=1e-5)
+    table = (run / "profile" / "top_ops.txt").read_text()
+    assert table.startswith(f"steps {window[0]}-{int(window[0]) + int(window[1]) - 1}") and "aten::mm" in table
+    names = {e.get("name") for e in json.loads((run / "profile" / "trace.json").read_text())["traceEvents"]}
+    assert "aten::mm" in names and "Optimizer.step#AdamW.step" in names
+
+
+def test_a_profile_window_before_step_1_is_refused(token_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(pretrain_args(token_data, tmp_path / "run", "--run.profile_at", "0"))
+    assert "run.profile_at and run.profile_steps must be >= 1" in capsys.readouterr().err

@@ -122,6 +122,9 @@ class RunConfig:
         peak_tflops: Peak dense TFLOP/s of one device for MFU; None looks up known GPUs (H100: 989) and
             reports n/a elsewhere.
         progress: Show a progress bar.
+        profile_at: Profile steps profile_at .. profile_at + profile_steps - 1 (counting from 1) with
+            torch.profiler; rank 0 writes dir/profile/trace.json and top_ops.txt (train/profiling.py). None: off.
+        profile_steps: Steps in the profiled window.
     """
 
     dir: str = "runs/pretrain"
@@ -136,8 +139,13 @@ class RunConfig:
     wandb_project: str | None = None
     peak_tflops: float | None = None
     progress: bool = True
+    profile_at: int | None = None
+    profile_steps: int = 2
 
     def __post_init__(self) -> None:
+        if (self.profile_at is not None and self.profile_at < 1) or self.profile_steps < 1:
+            raise TrainConfigError(f"run.profile_at and run.profile_steps must be >= 1, got {self.profile_at} and "
+                                   f"{self.profile_steps}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.eval_every < 0 or self.eval_batches < 1:
             raise TrainConfigError(
                 "run.keep_checkpoints and run.eval_batches must be >= 1, run.checkpoint_every and run.eval_every >= 0"

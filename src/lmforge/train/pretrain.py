@@ -38,6 +38,7 @@ from lmforge.train.linear_ce import linear_cross_entropy
 from lmforge.train.losses import global_target_tokens
 from lmforge.train.metrics import MetricsLogger, SpikeDetector, flops_per_token, peak_flops
 from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
+from lmforge.train.profiling import StepProfiler
 from lmforge.parallel import (
     ParallelConfig,
     clip_grad_norm_,
@@ -152,6 +153,7 @@ def pretrain(
     peak = peak_flops(device, run.peak_tflops)
     spikes = SpikeDetector(train.spike_window, train.spike_sigmas)
     stop = _SigtermFlag()
+    profiler = StepProfiler(run_dir, run.profile_at, run.profile_steps, enabled=rank == 0, device=device)
     params = [p for p in net.parameters() if p.requires_grad]
     bar = tqdm(total=train.steps, initial=step, desc="pretrain", disable=not run.progress or rank != 0,
                dynamic_ncols=True)
@@ -160,6 +162,7 @@ def pretrain(
     net.train()
     try:
         while step < train.steps:
+            profiler.before_step(step + 1)
             t0 = time.perf_counter()
             batches = [next(loader) for _ in range(accum)]
             # Count every target token of the global batch first, so each micro-batch's loss can be divided
@@ -222,6 +225,7 @@ def pretrain(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                             mfu=f"{mfu:.1%}" if mfu is not None else "n/a", refresh=False)
             bar.update(1)
+            profiler.after_step(step)
 
             if run.eval_every and (step % run.eval_every == 0 or step == train.steps):
                 validate(step)
@@ -236,6 +240,7 @@ def pretrain(
                                  f"saved {path}; continue with --run.resume auto")
                     return run_dir
     finally:
+        profiler.close()
         bar.close()
         stop.restore()
         logger.close()
