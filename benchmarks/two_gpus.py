@@ -32,6 +32,7 @@ Prints JSON lines; writes $OUT/two_gpus.json when $OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve()
 TINYLLAMA = ["--model.dim", "2048", "--model.n_layers", "22", "--model.n_heads", "32", "--model.n_kv_heads", "4",
@@ -177,22 +180,35 @@ def activation_checkpointing_7b(args) -> str:
 
 
 def tp_decode(args) -> list[dict]:
-    rows = []
+    rows, logits = [], {}
     for world in (1, 2):
         out = Path(tempfile.mkdtemp()) / "tp.json"
-        worker = [str(HERE), "--worker-tp", "--modes", args.tp_modes, "--json", str(out)] + (["--quick"] if args.quick else [])
+        worker = [str(HERE), "--worker-tp", "--modes", args.tp_modes, "--json", str(out)]
+        worker += (["--quick"] if args.quick else []) + (["--tp-profile"] if args.tp_profile else [])
         torchrun(world, worker, args.quick)
         rows += [{"part": "tp", "tensor_parallel": world, **r} for r in json.loads(out.read_text())]
+        logits[world] = np.load(out.with_suffix(".logits.npy"))
+        if args.tp_profile and os.environ.get("OUT"):
+            shutil.copy(out.with_suffix(".profile.txt"), Path(os.environ["OUT"]) / f"tp{world}_profile.txt")
     one = {r["mode"]: r.get("tok_s_decode") for r in rows if r["tensor_parallel"] == 1}
     best_one = max((v for v in one.values() if v), default=None)
     for r in rows:
         if r["tensor_parallel"] == 2 and r.get("tok_s_decode") and best_one:
             r["speedup_vs_best_1gpu"] = round(r["tok_s_decode"] / best_one, 3)
+    # the next-token logits of the prompt, split over 2 ranks or not (in bf16 the row-parallel partial sums
+    # are rounded before the all-reduce adds them, so they differ by rounding; greedy tokens of random weights,
+    # whose logits are nearly tied, can then differ from the first one on)
+    top1, top2 = np.argsort(logits[1])[::-1][:2]
+    rows.append({"part": "tp", "prefill_logits_max_abs_diff": float(np.abs(logits[2] - logits[1]).max()),
+                 "prefill_logits_std": float(logits[1].std()), "top1_gap_1gpu": float(logits[1][top1] - logits[1][top2]),
+                 "same_top1": bool(logits[2].argmax() == top1),
+                 "top10_overlap": len(set(np.argsort(logits[1])[-10:]) & set(np.argsort(logits[2])[-10:]))})
     return rows
 
 
 def worker_tp(args) -> None:
-    """One rank of the tp part: the model split over the ranks, timed by decode.py's loop; rank 0 writes JSON."""
+    """One rank of the tp part: the model split over the ranks, timed by decode.py's loop; rank 0 writes JSON,
+    the prompt's next-token logits (.logits.npy) and, with --tp-profile, decode.py's profile tables."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -213,17 +229,25 @@ def worker_tp(args) -> None:
     if world > 1:
         apply_tensor_parallel(model, init_device_mesh(device_type, (world,)))
     prompt = torch.randint(3, cfg.vocab_size, (16 if args.quick else 128,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device=device))[0, -1].float().cpu().numpy()
+    out = Path(args.json)
+    report = open(out.with_suffix(".profile.txt"), "w") if rank == 0 else open(os.devnull, "w")
     results = []
     for mode in (["eager"] if args.quick else args.modes.split(",")):
         try:
-            r = lmforge_decode(model, prompt, 16 if args.quick else 256, mode, 1 if args.quick else 3)
+            with contextlib.redirect_stdout(report):  # decode.py prints its profile table
+                r = lmforge_decode(model, prompt, 16 if args.quick else 256, mode, 1 if args.quick else 3,
+                                   profile=args.tp_profile)
             r["tokens"] = r["tokens"][:8]
         except Exception as e:  # one failing mode must not lose the others
             r = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:500]}
         torch._dynamo.reset()
         results.append(r)
+    report.close()
     if rank == 0:
-        Path(args.json).write_text(json.dumps(results))
+        out.write_text(json.dumps(results))
+        np.save(out.with_suffix(".logits.npy"), logits)
     if dist.is_initialized():
         dist.barrier()
     exit_distributed_worker()  # (gloo can abort a finished rank at interpreter exit; see its NOTE)
@@ -244,6 +268,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-7b-reference", dest="reference_7b", action="store_false",
                     help="7b: skip the uninterrupted run (report the stopped-and-resumed run alone)")
     ap.add_argument("--tp-modes", default="cuda_graph,compile", help="tp: decode modes (eager: add it)")
+    ap.add_argument("--tp-profile", action="store_true",
+                    help="tp: profile one generation per mode (rank 0's tables to $OUT/tp1_profile.txt, tp2_...)")
     ap.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     ap.add_argument("--worker-tp", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--modes", default="eager", help=argparse.SUPPRESS)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_two_gpus_quick(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "two_gpus.py"), "--quick", "--profile-7b", "--work",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "two_gpus.py"), "--quick", "--profile-7b", "--tp-profile", "--work",
                            str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "two_gpus.json").read_text())["rows"]
@@ -29,5 +29,8 @@ def test_two_gpus_quick(tmp_path):
     assert seven_b["tokens_per_step"] == 2 * 128 * 2 and len(seven_b["step_time_s"]) == 4
     assert "aten::mm" in (tmp_path / "7b_top_ops.txt").read_text()  # rank 0's profile of step 2
     tp = [r for r in rows if r["part"] == "tp"]
-    assert [r["tensor_parallel"] for r in tp] == [1, 2]
+    assert [r.get("tensor_parallel") for r in tp] == [1, 2, None]
     assert tp[0]["tokens"] == tp[1]["tokens"]  # the same greedy tokens, split over 2 ranks or not
+    # fp32 logits of the prompt's next token: equal up to summation order
+    assert tp[2]["prefill_logits_max_abs_diff"] < 1e-4 * tp[2]["prefill_logits_std"] and tp[2]["same_top1"]
+    assert tp[2]["top10_overlap"] == 10 and (tmp_path / "tp2_profile.txt").exists()
