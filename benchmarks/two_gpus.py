@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,11 @@ def tp_decode(args) -> list[dict]:
         extra = {"all_reduce": reduce} if world > 1 else {}
         rows += [{"part": "tp", "tensor_parallel": world, **extra, **r} for r in json.loads(out.read_text())]
         logits[world] = np.load(out.with_suffix(".logits.npz"))
+        name = f"tp{world}" + (f"_{reduce}" if world > 1 else "")
         if args.tp_profile and os.environ.get("OUT"):
-            name = f"tp{world}" + (f"_{reduce}" if world > 1 else "")
             shutil.copy(out.with_suffix(".profile.txt"), Path(os.environ["OUT"]) / f"{name}_profile.txt")
+        for error in out.parent.glob("*.error.txt") if os.environ.get("OUT") else ():  # rank 0's tracebacks
+            shutil.copy(error, Path(os.environ["OUT"]) / f"{name}_{error.name.split('.')[1]}_error.txt")
     one = {r["mode"]: r.get("tok_s_decode") for r in rows if r["tensor_parallel"] == 1}
     best_one = max((v for v in one.values() if v), default=None)
     for r in rows:
@@ -229,6 +232,10 @@ def worker_tp(args) -> None:
 
     device_type = "cpu" if args.quick else "cuda"
     rank, world = init_distributed(device_type)
+    if not args.quick:  # a failing CUDA-graph tree then names where its stray allocations came from
+        import torch._inductor.config
+
+        torch._inductor.config.triton.cudagraph_trees_history_recording = True
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     # quick: 4 kv heads, so that a rank holds 2 (a cache sized for all 4 would then fail, not broadcast)
     cfg = ModelConfig.from_name("tiny", n_kv_heads=4) if args.quick else ModelConfig.from_name("llama2-7b")
@@ -252,6 +259,9 @@ def worker_tp(args) -> None:
             r["tokens"] = r["tokens"][:8]
         except Exception as e:  # one failing mode must not lose the others
             r = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:500]}
+            if rank == 0:
+                with open(out.with_suffix(f".{mode}.error.txt"), "w") as f:
+                    traceback.print_exc(file=f)
         torch._dynamo.reset()
         results.append(r)
     report.close()

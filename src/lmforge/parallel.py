@@ -218,8 +218,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, one_shot_all_reduce: bool
                      "feed_forward.w2": RowwiseParallel()}
         parallelize_module(block, tp_mesh, plan)
     model.tp_degree = tp
-    if one_shot_all_reduce and tp_mesh.device_type == "cuda":
-        enable_one_shot_all_reduce(tp_mesh)
+    model.tp_one_shot_all_reduce = (one_shot_all_reduce and tp_mesh.device_type == "cuda"
+                                    and enable_one_shot_all_reduce(tp_mesh))
     return model
 
 
@@ -231,7 +231,7 @@ def enable_one_shot_all_reduce(tp_mesh: DeviceMesh) -> bool:
     directly over NVLink, in one kernel; NCCL's ring took 17 us per call in the profile of a tensor-parallel
     7B decode step on 2 H200s (a quarter of the step). Inductor makes that choice only where the group is
     registered for symmetric memory and `_collective.auto_select` is set (DecodeStep sets it when compiling a
-    tensor-parallel model), for sums of at most `_collective.one_shot_all_reduce_threshold_bytes` (128 KiB).
+    model whose `tp_one_shot_all_reduce` apply_tensor_parallel set), for sums of at most `_collective.one_shot_all_reduce_threshold_bytes` (128 KiB).
     Needs peer access between the local GPUs (NVLink or PCIe P2P); elsewhere NCCL stays.
 
     NOTE: `enable_symm_mem_for_group` is deprecated in torch 2.11-2.13 ("no need to call this function"), but
