@@ -182,16 +182,14 @@ def activation_checkpointing_7b(args) -> str:
 
 def tp_decode(args) -> list[dict]:
     rows, logits = [], {}
-    # 1 GPU once; 2 GPUs once per all-reduce (--tp-all-reduce: one_shot, the default, and/or nccl)
-    for world, reduce in [(1, "nccl")] + [(2, r) for r in args.tp_all_reduce.split(",")]:
+    for world in (1, 2):
         out = Path(tempfile.mkdtemp()) / "tp.json"
-        worker = [str(HERE), "--worker-tp", "--modes", args.tp_modes, "--json", str(out), "--tp-all-reduce", reduce]
+        worker = [str(HERE), "--worker-tp", "--modes", args.tp_modes, "--json", str(out)]
         worker += (["--quick"] if args.quick else []) + (["--tp-profile"] if args.tp_profile else [])
         torchrun(world, worker, args.quick)
-        extra = {"all_reduce": reduce} if world > 1 else {}
-        rows += [{"part": "tp", "tensor_parallel": world, **extra, **r} for r in json.loads(out.read_text())]
+        rows += [{"part": "tp", "tensor_parallel": world, **r} for r in json.loads(out.read_text())]
         logits[world] = np.load(out.with_suffix(".logits.npz"))
-        name = f"tp{world}" + (f"_{reduce}" if world > 1 else "")
+        name = f"tp{world}"
         if args.tp_profile and os.environ.get("OUT"):
             shutil.copy(out.with_suffix(".profile.txt"), Path(os.environ["OUT"]) / f"{name}_profile.txt")
         for error in out.parent.glob("*.error.txt") if os.environ.get("OUT") else ():  # rank 0's tracebacks
@@ -232,18 +230,13 @@ def worker_tp(args) -> None:
 
     device_type = "cpu" if args.quick else "cuda"
     rank, world = init_distributed(device_type)
-    if not args.quick:  # a failing CUDA-graph tree then names where its stray allocations came from
-        import torch._inductor.config
-
-        torch._inductor.config.triton.cudagraph_trees_history_recording = True
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     # quick: 4 kv heads, so that a rank holds 2 (a cache sized for all 4 would then fail, not broadcast)
     cfg = ModelConfig.from_name("tiny", n_kv_heads=4) if args.quick else ModelConfig.from_name("llama2-7b")
     torch.manual_seed(0)
     model = build(cfg, device, torch.float32 if args.quick else torch.bfloat16)
     if world > 1:
-        apply_tensor_parallel(model, init_device_mesh(device_type, (world,)),
-                              one_shot_all_reduce=args.tp_all_reduce == "one_shot")
+        apply_tensor_parallel(model, init_device_mesh(device_type, (world,)))
     prompt = torch.randint(3, cfg.vocab_size, (16 if args.quick else 128,), generator=torch.Generator().manual_seed(0)).tolist()
     ids = torch.tensor([prompt], device=device)
     with torch.no_grad():
@@ -292,9 +285,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tp-modes", default="cuda_graph,compile", help="tp: decode modes (eager: add it)")
     ap.add_argument("--tp-profile", action="store_true",
                     help="tp: profile one generation per mode (rank 0's tables to $OUT/tp1_profile.txt, tp2_...)")
-    ap.add_argument("--tp-all-reduce", default="one_shot",
-                    help="tp: all-reduces of the 2-GPU runs, comma-separated: one_shot (symmetric memory, in the "
-                         "compiled modes) and/or nccl; one 2-GPU run each")
     ap.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     ap.add_argument("--worker-tp", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--modes", default="eager", help=argparse.SUPPRESS)

@@ -185,7 +185,7 @@ def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device, m
     return model
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh, one_shot_all_reduce: bool = True) -> Transformer:
+def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
     """Megatron-style tensor parallelism of attention and dense feed-forwards over `tp_mesh`, in place.
 
     Per block: wq, wk, wv, w1, w3 are split by output rows (column-wise: each rank computes H / tp query heads,
@@ -198,8 +198,12 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, one_shot_all_reduce: bool
     Caches for a tensor-parallel model hold Hkv / tp heads per rank (`lmforge.infer.cache.cache_config`
     reads the degree recorded here as `model.tp_degree`).
 
-    one_shot_all_reduce: on CUDA, let compiled decode steps reduce through symmetric memory
-    (`enable_one_shot_all_reduce`); False keeps NCCL's all-reduce everywhere.
+    NOTE: the all-reduces are NCCL's. In the profile of a compiled 7B decode step over 2 H200s they took 17 us
+    a call, a quarter of the step (benchmarks/RESULTS.md). Inductor can lower them to symmetric-memory
+    one-shot all-reduces (`torch._inductor.config._collective.auto_select` plus the deprecated
+    `torch.distributed._symmetric_memory.enable_symm_mem_for_group`), but in torch 2.11 the op allocates its
+    peer-pointer table through the caching allocator on first use, which is inside the CUDA-graph tree's warm-up
+    pool, and the tree then refuses to record ("2 tensor(s) in the cudagraph pool not tracked as outputs").
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -218,36 +222,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, one_shot_all_reduce: bool
                      "feed_forward.w2": RowwiseParallel()}
         parallelize_module(block, tp_mesh, plan)
     model.tp_degree = tp
-    model.tp_one_shot_all_reduce = (one_shot_all_reduce and tp_mesh.device_type == "cuda"
-                                    and enable_one_shot_all_reduce(tp_mesh))
     return model
-
-
-def enable_one_shot_all_reduce(tp_mesh: DeviceMesh) -> bool:
-    """Let Inductor lower the small all-reduces of compiled graphs over `tp_mesh` (a decode step's two per block,
-    (B, 1, d): 8 KB at batch 1 of a 7B model) to symmetric-memory one-shot all-reduces; True if enabled.
-
-    Each rank writes its partial sum into a buffer mapped on every GPU of the group and reads the others'
-    directly over NVLink, in one kernel; NCCL's ring took 17 us per call in the profile of a tensor-parallel
-    7B decode step on 2 H200s (a quarter of the step). Inductor makes that choice only where the group is
-    registered for symmetric memory and `_collective.auto_select` is set (DecodeStep sets it when compiling a
-    model whose `tp_one_shot_all_reduce` apply_tensor_parallel set), for sums of at most `_collective.one_shot_all_reduce_threshold_bytes` (128 KiB).
-    Needs peer access between the local GPUs (NVLink or PCIe P2P); elsewhere NCCL stays.
-
-    NOTE: `enable_symm_mem_for_group` is deprecated in torch 2.11-2.13 ("no need to call this function"), but
-    Inductor's check (`is_symm_mem_enabled_for_group`) still reads the registry it fills.
-    """
-    import warnings
-
-    from torch.distributed import _symmetric_memory as symm_mem
-
-    n = torch.cuda.device_count()
-    if tp_mesh.size() > n or not all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j):
-        return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        symm_mem.enable_symm_mem_for_group(tp_mesh.get_group().group_name)
-    return True
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:

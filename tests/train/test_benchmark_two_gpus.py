@@ -34,4 +34,4 @@ def test_two_gpus_quick(tmp_path):
     # fp32 logits of the prompt's next token (the quick model is fp32): equal up to summation order
     errors = tp[2]["logits_max_abs_err_over_std"]
     assert errors["1gpu_model_dtype"] == 0 and 0 < errors["tp2_model_dtype"] < 1e-5 and errors["tp2_float32"] < 1e-5
-    assert (tmp_path / "tp2_one_shot_profile.txt").exists()
+    assert (tmp_path / "tp2_profile.txt").exists()

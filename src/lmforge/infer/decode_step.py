@@ -66,10 +66,6 @@ class DecodeStep:
                 # lowers to reductions (the whole cost of a decode step); "triton.cudagraphs" is what
                 # mode="reduce-overhead" sets (the two arguments are exclusive, so it is spelled out).
                 options = {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "compile"}
-                if getattr(model, "tp_one_shot_all_reduce", False):
-                    # the per-block all-reduces as one-shot symmetric-memory kernels where the tensor-parallel
-                    # group allows it (lmforge.parallel.enable_one_shot_all_reduce); NCCL otherwise
-                    options["_collective.auto_select"] = True
             self.fn = torch.compile(self._eager, fullgraph=True, options=options or None)
 
     def _eager(self, tokens: Tensor, positions: Tensor) -> Tensor:
