@@ -217,7 +217,7 @@ def tp_decode(args) -> list[dict]:
 
 def worker_tp(args) -> None:
     """One rank of the tp part: the model split over the ranks, timed by decode.py's loop; rank 0 writes JSON,
-    the prompt's next-token logits (.logits.npy) and, with --tp-profile, decode.py's profile tables."""
+    the prompt's next-token logits (.logits.npz) and, with --tp-profile, decode.py's profile tables."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 def test_two_gpus_quick(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "two_gpus.py"), "--quick", "--profile-7b", "--tp-profile", "--work",
-                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "two_gpus.py"), "--quick", "--profile-7b",
+                           "--tp-profile", "--work", str(tmp_path / "work")],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "two_gpus.json").read_text())["rows"]
     assert not [r for r in rows if "error" in r], rows
