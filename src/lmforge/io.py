@@ -1,18 +1,42 @@
-"""Writing outputs so that nothing is ever left half-written: build under a temporary name, then rename.
+"""Writing outputs: nothing half-written, and nothing of the user's replaced.
 
-A rename within one file system is atomic: a reader (or a later run) sees either the old complete output
-or the new complete output, never a partial one. Temporary names start with the target's name plus
-`.tmp-`, so a crashed run's leftovers are easy to recognise and are removed on the next attempt.
+Atomic writes. An output is built under a temporary name, then renamed. A rename within one file system is
+atomic: a reader (or a later run) sees either the old complete output or the new complete output, never a
+partial one. Temporary names start with the target's name plus `.tmp-`, so a crashed run's leftovers are
+easy to recognise and are removed on the next attempt.
+
+The output rule. Every verb that writes a folder (convert, the model of a training run, a run folder, data
+sets) asks `claim_output_dir` first:
+
+    destination                                     overwrite=False    overwrite=True
+    missing, or an empty folder                     written            written
+    a folder lmforge wrote (it has .lmforge-output) refused            replaced
+    any other non-empty folder, or a file           refused            refused
+
+A folder lmforge writes carries the marker file `.lmforge-output` (JSON: what wrote it, and when), so that
+a later `--overwrite true` can tell our outputs from the user's own files: a folder of the user's is never
+deleted, whatever the flags. `output_dir()` combines the rule, the atomic swap and the marker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+MARKER = ".lmforge-output"
+
+
+class OutputExistsError(FileExistsError):
+    """The destination holds something the output rule does not let this call replace (module docstring).
+
+    NOTE: an OSError, so the CLI ends with this one message (exit status 2), as for every bad input.
+    """
 
 
 def _umask() -> int:
@@ -75,3 +99,56 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def is_lmforge_output(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder that lmforge wrote (it carries the marker file)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def claim_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite true") -> bool:
+    """Check that `path` may be written under the output rule (module docstring); raise OutputExistsError if not.
+
+    Returns True when `path` already holds an earlier lmforge output that will be replaced. `flag` is how the
+    caller's user says "overwrite" (it names the option in the message, e.g. "--run.overwrite true").
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a folder: lmforge writes its outputs as folders and "
+                                "does not replace files it did not write")
+    if not any(path.iterdir()):
+        return False
+    if not is_lmforge_output(path):
+        raise OutputExistsError(f"{path} is not empty and lmforge did not write it (it has no {MARKER} marker): "
+                                "refusing to replace it, even with overwrite; choose another destination")
+    if not overwrite:
+        raise OutputExistsError(f"{path} holds an earlier lmforge output; pass {flag} to replace it, or choose "
+                                "another destination")
+    return True
+
+
+def write_marker(folder: str | os.PathLike, written_by: str) -> None:
+    """Mark `folder` as an lmforge output (the marker names the verb or function that wrote it)."""
+    from lmforge import __version__
+
+    record = {"written_by": written_by, "lmforge": __version__,
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with atomic_file(Path(folder) / MARKER, "w", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, written_by: str, overwrite: bool = False,
+               flag: str = "--overwrite true") -> Iterator[Path]:
+    """The output rule, then `atomic_dir`, then the marker: the one way a verb writes a whole folder.
+
+        with output_dir(dst, "convert", overwrite) as tmp:
+            save_file(state, tmp / "model.safetensors")
+        # dst holds exactly what was written plus .lmforge-output; a refused or failed call left dst untouched
+    """
+    claim_output_dir(path, overwrite, flag)
+    with atomic_dir(path) as tmp:
+        yield tmp
+        write_marker(tmp, written_by)
