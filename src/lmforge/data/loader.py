@@ -43,16 +43,19 @@ from lmforge.data.shards import SPLITS, read_manifest
 
 @dataclass
 class Batch:
-    """One rank's batch: inputs, targets (B, T) int64; loss_mask (B, T) bool; document_ids (B, T) int32."""
+    """One rank's batch: inputs, targets (B, T) int64; loss_mask (B, T) bool; document_ids (B, T) int32;
+    positions (B, T) int64 rotary positions, or None for 0..T-1 in every row (a stream cut into samples; packed
+    dialogues restart at 0 for each dialogue: lmforge.align.packing)."""
 
     inputs: Tensor
     targets: Tensor
     loss_mask: Tensor
     document_ids: Tensor
+    positions: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        tensors = (self.inputs, self.targets, self.loss_mask, self.document_ids)
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in tensors))
+        tensors = (self.inputs, self.targets, self.loss_mask, self.document_ids, self.positions)
+        return Batch(*(t.to(device, non_blocking=non_blocking) if t is not None else None for t in tensors))
 
 
 class TokenStream:

@@ -2,8 +2,9 @@
 
     checkpoints/
       step_000200/                    complete (renamed into place after every file was written)
-        .metadata, __0_0.distcp ...   model and optimizer through torch.distributed.checkpoint (DCP)
-        train_state.json              step, tokens seen, scheduler and data-loader state, the run's config
+        .metadata, __0_0.distcp ...   the named modules and their optimizers through torch.distributed.checkpoint
+                                      (DCP): {"modules": {name: state}, "optimizers": {name: state}}
+        train_state.json              step, counters, scheduler and data-loader states, the run's config
         rng/rank_00000.json           torch (CPU and CUDA), python and numpy generator states of each rank
       step_000300.tmp/                being written, or left by a crash: never resumed from
 
@@ -11,9 +12,12 @@ A checkpoint is complete once `step_NNNNNN.tmp` has been renamed to `step_NNNNNN
 saving leaves only a `.tmp` folder, and `latest_checkpoint` returns the previous complete one. After each save
 only the newest `keep` complete checkpoints remain.
 
-Model and optimizer go through `get_state_dict` / `set_state_dict` and DCP, which work in one process without
-`init_process_group` and, unchanged, with FSDP-sharded parameters (each rank writes its shards, a later run
-may load them with another number of ranks). Everything else is small and goes to JSON.
+Modules are named, so one checkpoint holds every trained module of a recipe (pre-training: "model"; PPO: a
+policy and a critic, each with its own optimizer). A module's optimizer is saved under the module's name; a
+module without an optimizer is saved alone. They go through `get_state_dict` / `set_state_dict` and DCP, which
+work in one process without `init_process_group` and, unchanged, with FSDP-sharded parameters (each rank
+writes its shards, a later run may load them with another number of ranks). Everything else is small and
+goes to JSON.
 
 NOTE: DCP stores non-tensor optimizer entries (param_groups) and its `.metadata` with pickle, so resume only
 from checkpoints your own runs wrote. Models meant to be shared are the safetensors folders of `save_model`.
@@ -34,7 +38,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from lmforge.io import atomic_file
 
@@ -106,17 +115,35 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _dcp_state(modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """{"modules": {name: state}, "optimizers": {name: state}}: tensors of the right shapes and shardings for
+    DCP to write, or to load into. An optimizer is keyed by the name of the module it updates.
+    NOTE: for an optimizer without state yet, get_state_dict first runs one zero-lr step to create its
+    exp_avg / exp_avg_sq, so that there is something to load into."""
+    unknown = sorted(set(optimizers) - set(modules))
+    if unknown:
+        raise KeyError(f"optimizers {unknown} name no module (modules: {sorted(modules)})")
+    state: dict[str, dict] = {"modules": {}, "optimizers": {}}
+    for name, module in modules.items():
+        if name in optimizers:
+            state["modules"][name], state["optimizers"][name] = get_state_dict(module, optimizers[name])
+        else:
+            state["modules"][name] = get_model_state_dict(module)
+    return state
+
+
 def save_checkpoint(
     root: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
     train_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
     """Write checkpoint `root/step_{step:06d}` (see the module docstring) and delete all but the newest `keep`.
 
-    train_state: JSON-ready values (step, tokens seen, scheduler and loader state, config), written by rank 0.
+    modules / optimizers: the trained modules by name, and the optimizer of each (keyed by the module's name).
+    train_state: JSON-ready values (step, counters, scheduler and loader states, config), written by rank 0.
     """
     final = root / f"step_{step:06d}"
     tmp = root / f"{final.name}.tmp"
@@ -124,8 +151,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    _dcp(dcp.save, _dcp_state(modules, optimizers), checkpoint_id=tmp)
     with atomic_file(tmp / "rng" / f"rank_{_rank():05d}.json", "w") as f:
         json.dump(rng_state(), f)
     if _rank() == 0:
@@ -143,16 +169,21 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model, optimizer and this rank's RNG states from `path` in place; return its train_state."""
+def load_checkpoint(
+    path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """Load the named modules, their optimizers and this rank's RNG states from `path` in place; return its
+    train_state."""
     if not (path / "train_state.json").exists() or not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a complete training checkpoint (no train_state.json or .metadata)")
-    # get_state_dict gives tensors of the right shapes (and shardings) for DCP to load into; for an optimizer
-    # without state yet it first runs one zero-lr step to create exp_avg / exp_avg_sq.
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _dcp_state(modules, optimizers)
     _dcp(dcp.load, state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, module in modules.items():
+        if name in optimizers:
+            set_state_dict(module, optimizers[name], model_state_dict=state["modules"][name],
+                           optim_state_dict=state["optimizers"][name])
+        else:
+            set_model_state_dict(module, state["modules"][name])
     rng_file = path / "rng" / f"rank_{_rank():05d}.json"
     if rng_file.exists():  # absent when resuming with more ranks than saved: those start from their seed
         set_rng_state(json.loads(rng_file.read_text()))

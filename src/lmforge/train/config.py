@@ -2,7 +2,8 @@
 
 Each group is a dataclass, so the command line gets dotted options (`--train.steps 100`, `--optim.lr 1e-3`)
 and a YAML file the same keys nested; the `Attributes:` sections below are the `--help` text of each option.
-Defaults are Llama 2's recipe (REFERENCE.md section 3); the shipped configs/*.yaml scale it down.
+Defaults are Llama 2's pre-training recipe (4M-token batches of 4096-token sequences, about 477k steps for 2T
+tokens); the shipped configs/*.yaml scale it down. `TrainBase` and `RunConfig` are shared by every trainer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class DataConfig:
     """Token shards to train on.
 
     Attributes:
-        dir: Folder written by `lmforge data prepare` (manifest.json plus token shards).
+        dir: Folder written by `lmforge data prepare` (manifest.json plus token shards); its default is where
+            `lmforge data prepare` writes by default.
         train_split: Split to train on.
         val_split: Split for the periodic validation loss; None switches validation off.
         document_masking: Let tokens attend only within their own document of a packed sequence (the
@@ -30,7 +32,7 @@ class DataConfig:
             data manifest, if any.
     """
 
-    dir: str | None = None
+    dir: str = "runs/data"
     train_split: str = "train"
     val_split: str | None = "validation"
     document_masking: bool = False
@@ -38,18 +40,11 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Steps, batch shape, precision and safety nets.
+class TrainBase:
+    """Fields every trainer's `train` group has (pretrain, sft, reward models, RL): where and how exactly to run.
 
     Attributes:
-        steps: Optimizer steps of the whole run (Llama 2: 2T tokens / 4M tokens a step = about 477k).
-        global_batch_tokens: Tokens per optimizer step over all ranks and micro-batches (Llama 2: 4M =
-            1024 sequences of 4096). Must be a multiple of micro_batch_size * seq_len * dp_size (dp_size:
-            processes / parallel.tensor_parallel); the quotient is the number of gradient-accumulation
-            micro-batches.
-        micro_batch_size: Sequences per forward pass on one rank.
-        seq_len: Tokens per training sequence (Llama 2: 4096); at most model.max_seq_len.
-        seed: Seed of parameter initialisation and data order.
+        seed: Seed of parameter initialisation, data order and sampling.
         precision: "auto" is bf16 autocast on CUDA and fp32 on the CPU; "bf16" or "fp32" force one.
             Parameters, gradients and optimizer state stay fp32 either way.
         device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
@@ -62,10 +57,6 @@ class TrainConfig:
             non-finite stop.
     """
 
-    steps: int = 476_837
-    global_batch_tokens: int = 4_194_304
-    micro_batch_size: int = 1
-    seq_len: int = 4096
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: str | None = None
@@ -77,7 +68,33 @@ class TrainConfig:
     debug_nan_at_step: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len", "loss_chunk", "spike_window"):
+        for name in ("loss_chunk", "spike_window"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig(TrainBase):
+    """Steps, batch shape, precision and safety nets of pre-training.
+
+    Attributes:
+        steps: Optimizer steps of the whole run (Llama 2: 2T tokens / 4M tokens a step = about 477k).
+        global_batch_tokens: Tokens per optimizer step over all ranks and micro-batches (Llama 2: 4M =
+            1024 sequences of 4096). Must be a multiple of micro_batch_size * seq_len * dp_size (dp_size:
+            processes / parallel.tensor_parallel); the quotient is the number of gradient-accumulation
+            micro-batches.
+        micro_batch_size: Sequences per forward pass on one rank.
+        seq_len: Tokens per training sequence (Llama 2: 4096); at most model.max_seq_len.
+    """
+
+    steps: int = 476_837
+    global_batch_tokens: int = 4_194_304
+    micro_batch_size: int = 1
+    seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -100,13 +117,16 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """The run folder, checkpoints and reporting.
+    """The run folder, checkpoints and reporting (the same group for every trainer: train/harness.py).
 
     Attributes:
-        dir: Run folder (config.yaml, env.json, metrics.jsonl, tensorboard/, checkpoints/, model/).
+        dir: Run folder (config.yaml, env.json, metrics.jsonl, tensorboard/, checkpoints/, summary.json,
+            loss.png, model/); None: runs/<verb>, e.g. runs/pretrain.
         resume: "auto" continues from the newest complete checkpoint in dir/checkpoints (or starts afresh if
-            there is none); a path continues from that checkpoint; None starts afresh and refuses a run
-            folder that already holds checkpoints.
+            there is none); a path continues from that checkpoint; None starts afresh in a missing or empty
+            folder and refuses an earlier run's folder (see overwrite).
+        overwrite: Start afresh in the folder of an earlier lmforge run, deleting it first. A non-empty
+            folder that lmforge did not write is refused whatever this says.
         checkpoint_every: Save a training checkpoint every this many steps (and at the end, and on SIGTERM);
             0 saves none but those of SIGTERM and stop_at (the final model is written all the same).
         stop_at: End the run when it completes this step, with a checkpoint, as SIGTERM does; the schedule still
@@ -127,8 +147,9 @@ class RunConfig:
         profile_steps: Steps in the profiled window.
     """
 
-    dir: str = "runs/pretrain"
+    dir: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     checkpoint_every: int = 1000
     stop_at: int | None = None
     keep_checkpoints: int = 2

@@ -1,8 +1,8 @@
 """The run folder: what was run, with which code and libraries, so that a result can be traced and repeated.
 
     runs/<name>/
-      config.yaml          the resolved configuration; `lmforge pretrain --config runs/<name>/config.yaml`
-                           runs it again
+      config.yaml          the resolved configuration; `lmforge VERB --config runs/<name>/config.yaml`
+                           runs it again (VERB: pretrain, sft, ...)
       env.json             library versions, git revision (and whether the tree was dirty), python, device,
                            command line, start time
       metrics.jsonl        one JSON record per step or event (metrics.py)
@@ -74,12 +74,13 @@ def git_revision(path: Path | None = None) -> dict[str, Any] | None:
     return {"revision": sha, "dirty": bool(status.strip())}
 
 
-def write_run_info(run_dir: Path, config: dict[str, Any], device: str) -> None:
-    """Write config.yaml and env.json into `run_dir` (each atomically)."""
+def write_run_info(run_dir: Path, config: dict[str, Any], device: str, verb: str = "pretrain") -> None:
+    """Write config.yaml (headed by the command that reruns it: `lmforge VERB --config ...`) and env.json into
+    `run_dir` (each atomically). `verb` may be two words ("rm train")."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(run_dir / "config.yaml", "w") as f:
         f.write("# Resolved configuration of this run; rerun it with:\n")
-        f.write(f"# lmforge pretrain --config {run_dir / 'config.yaml'}\n")
+        f.write(f"# lmforge {verb} --config {run_dir / 'config.yaml'}\n")
         yaml.safe_dump(to_plain(config), f, sort_keys=False)
     env = {
         "libraries": library_versions(),
