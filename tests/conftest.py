@@ -1,7 +1,10 @@
 """Shared test settings: CPU, float32, deterministic, few threads (CI has 2 cores)."""
 
+import numpy as np
 import pytest
 import torch
+
+from lmforge.tokenizer.train import train_tokenizer
 
 torch.set_num_threads(2)
 
@@ -9,3 +12,13 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_512(tmp_path_factory) -> str:
+    """A 512-piece tokenizer (the tiny presets' vocabulary) trained on random lowercase words."""
+    folder = tmp_path_factory.mktemp("tok")
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(3000)]
+    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
+    return train_tokenizer([str(folder / "corpus.txt")], out_dir=str(folder), vocab_size=512, num_threads=1)

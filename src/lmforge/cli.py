@@ -13,6 +13,7 @@ import sys
 
 
 def _verbs() -> dict:
+    from lmforge.align.sft import sft
     from lmforge.models.convert import convert
     from lmforge.infer.cli import chat, generate_cli
     from lmforge.train.evaluate import evaluate
@@ -25,6 +26,7 @@ def _verbs() -> dict:
         "generate": generate_cli,
         "chat": chat,
         "pretrain": pretrain,
+        "sft": sft,
         "eval": evaluate,
         "tokenizer": {"train": train_tokenizer},
         "data": {"prepare": prepare_data},

@@ -11,18 +11,8 @@ import numpy as np
 import pytest
 
 from lmforge.data import write_token_documents
-from lmforge.tokenizer.train import train_tokenizer
 
 VOCAB = 512  # the tiny presets' vocabulary
-
-
-@pytest.fixture(scope="session")
-def tokenizer_512(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tok")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(3000)]
-    (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
-    return train_tokenizer([str(folder / "corpus.txt")], out_dir=str(folder), vocab_size=VOCAB, num_threads=1)
 
 
 def synthetic_documents(seed: int, n_docs: int, masked: bool):

@@ -136,7 +136,18 @@ def _read_text(path: Path, text_field: str) -> Iterator[Document]:
     yield Document(text, str(path))
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict]]:
+    """The JSON objects of a .jsonl file (one per non-empty line) or the rows of a .parquet file, each with
+    where it came from ("FILE:LINE" or "FILE row N", 1-based lines, 0-based rows) for error messages."""
+    path = Path(path)
+    if _kind(path) == "parquet":
+        pq = _pyarrow_file(path)
+        row = 0
+        for batch in pq.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                yield f"{path} row {row}", record
+                row += 1
+        return
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             line = _decode(raw, path, n)
@@ -150,24 +161,36 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            if text_field not in record:
-                raise DataError(f"{path}:{n}: no field {text_field!r} (fields: {', '.join(sorted(record)) or 'none'})")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, expected a string")
-            yield Document(text, str(path), f"line {n}")
+            yield f"{path}:{n}", record
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    for where, record in iter_records(path):
+        if text_field not in record:
+            raise DataError(f"{where}: no field {text_field!r} (fields: {', '.join(sorted(record)) or 'none'})")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
+        yield Document(text, str(path), f"line {where.rsplit(':', 1)[1]}")
+
+
+def _pyarrow_file(path: Path):
+    """pyarrow's ParquetFile of `path`, with one-line errors for a missing pyarrow or an unreadable file."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
     try:
-        file = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
+
+    file = _pyarrow_file(path)
     names = file.schema_arrow.names
     if text_field not in names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})")

@@ -50,13 +50,12 @@ def evaluate_loss(
     total = torch.zeros((), dtype=torch.float32, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     for batch in batches:
-        inputs, targets, mask = (t.to(device, non_blocking=True)
-                                 for t in (batch.inputs, batch.targets, batch.loss_mask))
-        doc = batch.document_ids.to(device) if document_masking else None
+        b = batch.to(device, non_blocking=True)
+        doc = b.document_ids if document_masking else None
         with autocast_context(device, precision):
-            hidden = model(inputs, document_ids=doc, return_hidden=True)
-            total += chunked_cross_entropy(hidden, model.output.weight, targets, mask, loss_chunk)
-        count += mask.sum()
+            hidden = model(b.inputs, b.positions, document_ids=doc, return_hidden=True)
+            total += chunked_cross_entropy(hidden, model.output.weight, b.targets, b.loss_mask, loss_chunk)
+        count += b.loss_mask.sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total, group=group)
         dist.all_reduce(count, group=group)
@@ -86,7 +85,8 @@ def split_batches(loader, max_batches: int | None = None) -> Iterator:
         batch = next(loader)
         rows = min(B, max(0, math.ceil((S - first) / W)))
         if rows:
-            yield Batch(*(t[:rows] for t in (batch.inputs, batch.targets, batch.loss_mask, batch.document_ids)))
+            yield Batch(*(t[:rows] if t is not None else None for t in (
+                batch.inputs, batch.targets, batch.loss_mask, batch.document_ids, batch.positions)))
 
 
 def evaluate(

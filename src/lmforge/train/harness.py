@@ -361,8 +361,9 @@ def finish_run(run: Run, state: TrainState, extra: dict[str, Any] | None = None,
 
     run.close()
     seconds = time.perf_counter() - run.started
-    summary: dict[str, Any] = {"verb": run.verb, "steps": int(state.counters["step"]),
-                               "seconds": round(seconds, 2), **to_plain(state.counters)}
+    counters = {k: v for k, v in to_plain(state.counters).items() if k != "step"}
+    summary: dict[str, Any] = {"verb": run.verb, "steps": int(state.counters["step"]), "seconds": round(seconds, 2),
+                               **counters}
     if run.is_main:
         records = read_metrics(run.dir / "metrics.jsonl") if (run.dir / "metrics.jsonl").exists() else []
         for key in plot_keys:
