@@ -106,6 +106,17 @@ def credit_number(meta: dict, answer: str) -> float:
     return 0.5 * max(0.0, 1 - abs(p - t) / (t + 1))
 
 
+def list_key(ws) -> str:
+    """The split key of a word list, shared by the list and counting families and by a list and its reverse:
+    a held-out list is never seen in train, under any transform or question, nor as the answer to reversing
+    another list.
+
+    >>> list_key(("red", "fox", "cup")), list_key(("cup", "fox", "red"))
+    ('list|cup,fox,red', 'list|cup,fox,red')
+    """
+    return "list|" + ",".join(min(tuple(ws), tuple(reversed(ws))))
+
+
 # ---- word lists ---------------------------------------------------------------------------------------------
 class Lists:
     """Word-list transforms; difficulty by what is asked and the list length. Item: (transform, words)."""
@@ -123,8 +134,7 @@ class Lists:
         return transform, tuple(rng.sample(LIST_WORDS, n))
 
     def key(self, item) -> str:
-        transform, ws = item
-        return f"lists|{transform}|{','.join(ws)}"
+        return list_key(item[1])
 
     def render(self, item, difficulty: int, rng: random.Random) -> Task:
         transform, ws = item
@@ -202,8 +212,7 @@ class Counting:
         return "occurrences", rng.choice(ws), ws
 
     def key(self, item) -> str:
-        what, word, ws = item
-        return f"counting|{what}|{word}|{','.join(ws)}"
+        return list_key(item[2])
 
     def render(self, item, difficulty: int, rng: random.Random) -> Task:
         what, word, ws = item
