@@ -23,3 +23,15 @@ def world_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "world"
     build_world(out, seed=0)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # NOTE: as in tests/infer: decoding a tiny model on a busy 2-core machine runs many times slower with two
+    # OpenMP threads spinning on each other than with one.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -276,7 +276,7 @@ def format_report(report: dict) -> str:
 # ---- the verb ----------------------------------------------------------------------------------------------
 def eval_chat(
     model: Path,
-    prompts: list[Path] | Path,
+    prompts: list[Path] | Path | None = None,
     out: Path | None = None,
     answers: Path | None = None,
     tokenizer: Path | None = None,
@@ -314,7 +314,7 @@ def eval_chat(
     from lmforge.infer.cli import _load
     from lmforge.io import OutputExistsError, atomic_file
 
-    paths = [prompts] if isinstance(prompts, (str, Path)) else list(prompts)
+    paths = [prompts] if isinstance(prompts, (str, Path)) else list(prompts or [])
     if not paths:
         raise EvalChatError("no prompt files: pass --prompts FILE.jsonl (or a list, --prompts [a.jsonl,b.jsonl])")
     if batch_size < 1:

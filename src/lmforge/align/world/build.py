@@ -54,8 +54,9 @@ def _counts(records: list[dict]) -> dict:
 
 def build_world(out_dir: Path = Path("runs/world"), seed: int = 0, sizes: WorldSizes = WorldSizes(),
                 overwrite: bool = False) -> dict:
-    """Write the verifiable chat world v1 of one seed: its pre-training corpus, SFT demonstrations, evaluation
-    and RLHF prompt sets, fact table and manifest (`lmforge world build`).
+    """Write the verifiable chat world v1 of one seed as files (`lmforge world build`).
+
+    Its pre-training corpus, SFT demonstrations, evaluation and RLHF prompt sets, fact table and manifest.
 
     Args:
         out_dir: Output folder (written whole, or not at all; an earlier build is replaced only with --overwrite).

@@ -191,7 +191,7 @@ class World:
 
     # ---- record sets ---------------------------------------------------------------------------------------
     def eval_sets(self, split: str) -> dict[str, list[dict]]:
-        """The evaluation sets of `split` ("heldout": eval_*; "train": the eval_*_train samples)."""
+        """The evaluation sets of `split` ("heldout": eval_*; "train": the eval_*_train samples), each shuffled."""
         s, sfx = self.sizes, "" if split == "heldout" else "_train"
 
         def rng(name):
@@ -215,6 +215,8 @@ class World:
                      for t in self.tasks("facts", d, split, _share(s.eval_factual, 3, d - 1), rng(f"factual|{d}"))]
             sets["eval_factual"] = [prompt_record([{"role": "user", "content": t.prompt}], t.meta) for t in facts]
             sets["eval_creative"] = [prompt_record(*r) for r in self.creative(split, s.eval_creative, rng("creative"))]
+        for name, records in sets.items():  # shuffled, so that the first N records (eval chat --limit) are a sample
+            rng(f"order|{name}").shuffle(records)
         return sets
 
     def sft(self) -> list[dict]:
