@@ -1,5 +1,6 @@
 """Helpers shared by tests in several folders (importable as `helpers`: pyproject puts tests/ on sys.path)."""
 
+import pytest
 import torch
 
 
@@ -15,3 +16,16 @@ def unit_scale_(model: torch.nn.Module, norms: bool = True) -> torch.nn.Module:
         else:
             p.normal_(0, p.shape[-1] ** -0.5)
     return model
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run a test on one torch thread (import it into a conftest.py to apply it to a folder).
+
+    NOTE: batch-1 decoding of a tiny model is a chain of (3, 64) x (64, 176) products; on a busy 2-core
+    machine two OpenMP threads spin on each other and run such tests 5-10x slower than one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

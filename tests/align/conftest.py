@@ -1,15 +1,11 @@
-"""Fixtures of the alignment tests: a small world's sizes, and one default-size world built once per session."""
+"""Fixtures of the alignment tests: a small world's sizes, the default-size world built once, one torch thread."""
 
 import pytest
+from align_helpers import SMALL
+from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 
 from lmforge.align.world.build import build_world
 from lmforge.align.world.records import WorldSizes
-
-SMALL = dict(entities=6, corpus_files=4, corpus_arithmetic=200, corpus_lists=100, corpus_counting=100, corpus_lore=2,
-             corpus_stories=20, sft_tasks=120, sft_multiturn=10, sft_instructions=20, sft_refusals=12,
-             sft_refusals_preprompt=20, sft_lookalikes=20, sft_lookalikes_preprompt=5, sft_creative=5, eval_tasks=5,
-             eval_unsafe=10, eval_lookalikes=10, eval_instructions=10, eval_multiturn=4, multiturn_turns=3,
-             eval_factual=6, eval_creative=5, rlhf_prompts=40)
 
 
 @pytest.fixture
@@ -23,15 +19,3 @@ def world_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "world"
     build_world(out, seed=0)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: as in tests/infer: decoding a tiny model on a busy 2-core machine runs many times slower with two
-    # OpenMP threads spinning on each other than with one.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL
+from align_helpers import SMALL
 from helpers import unit_scale_
 
 from lmforge import ModelConfig, Transformer
@@ -169,9 +169,13 @@ def test_verb_end_to_end(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", "not JSON"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
     ('{"world": "v2", "messages": [{"role": "user", "content": "hi"}], "meta": {"kind": "task"}}', "world 'v2'"),
     ('{"world": "v1", "messages": [{"role": "assistant", "content": "hi"}], "meta": {"kind": "task"}}', "user"),
+    ('{"world": "v1", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
+     '"meta": {"kind": "task"}}', "ends with a user message"),
+    ('{"world": "v1", "messages": "hi", "meta": {"kind": "task"}}', "messages must be"),
     ('{"world": "v1", "messages": [{"role": "user", "content": "hi"}], "meta": {"kind": "essay"}}', "meta.kind"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, line, message):
@@ -179,6 +183,6 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
     good = json.dumps(prompt_record([{"role": "user", "content": "What is 1 + 1?"}],
                                     {"kind": "task", "family": "arithmetic", "target": 2, "reference": "2."}))
     path.write_text(good + "\n" + line + "\n")
-    with pytest.raises(EvalChatError, match=message) as err:
+    with pytest.raises(ValueError, match=message) as err:
         read_records(path)
     assert str(err.value).startswith(f"{path}:2:")

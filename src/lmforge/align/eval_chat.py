@@ -41,38 +41,34 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class EvalChatError(ValueError):
-    """A prompt file, record or option that eval chat cannot use (the message names the file and line)."""
+    """A prompt file, record or option that eval chat cannot use (the message names the file and line; a line
+    that is not a JSON object raises lmforge.data.sources.DataError, also a ValueError)."""
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
     """The world records of a jsonl file (its first `limit`), checked: JSON objects of world v1 with messages
     ending in a user turn and a meta the scorer knows."""
+    from lmforge.data.sources import jsonl_objects
+    from lmforge.tokenizer.chat import ChatFormatError, exchanges
+
     path, records = Path(path), []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalChatError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
-    for n, line in enumerate(lines, 1):
+    if not path.is_file():
+        raise EvalChatError(f"no such prompt file: {path}")
+    for n, r in jsonl_objects(path):
         if limit is not None and len(records) == limit:
             break
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalChatError(f"{path}:{n}: not JSON ({e.msg})") from None
         where = f"{path}:{n}"
-        if not isinstance(r, dict):
-            raise EvalChatError(f"{where}: a record must be a JSON object")
         if r.get("world") != VERSION:
             raise EvalChatError(f"{where}: record of world {r.get('world')!r}; this lmforge scores world {VERSION} "
                                 "(build the prompt sets with `lmforge world build`)")
         messages, meta = r.get("messages"), r.get("meta")
-        if not isinstance(messages, list) or not messages or not isinstance(meta, dict):
-            raise EvalChatError(f"{where}: a record needs a non-empty 'messages' list and a 'meta' object")
-        if messages[-1].get("role") != "user":
-            raise EvalChatError(f"{where}: the last message must be the user's (a prompt to answer)")
+        if not isinstance(meta, dict):
+            raise EvalChatError(f"{where}: a record needs a 'meta' object")
+        try:
+            exchanges(messages, add_generation_prompt=True)  # a Llama 2 dialogue ending with the user's turn
+        except ChatFormatError as e:
+            raise EvalChatError(f"{where}: {e}") from None
         if meta.get("kind") not in KINDS:
             raise EvalChatError(f"{where}: meta.kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
         if meta.get("rollout") and sum(m.get("role") == "user" for m in messages) != len(meta.get("turns", [])):

@@ -24,7 +24,8 @@ TEMPLATES = (
     ("Make up a song about a {0} {1}.", (COLOURS, ANIMALS)),
 )
 _OPENERS = ("Once", "One morning", "Long ago", "At dusk", "In spring", "One winter night")
-_PLACES = ("by the river", "in the old forest", "on a windy hill", "near the sea", "under the bridge", "in a quiet town")
+_PLACES = ("by the river", "in the old forest", "on a windy hill", "near the sea", "under the bridge",
+           "in a quiet town")
 _DOINGS = ("sang softly", "danced in the rain", "slept until noon", "watched the stars", "ran through the grass",
            "waited for a friend")
 _ENDINGS = ("and everyone smiled.", "and the day ended in peace.", "and nobody ever forgot it.",

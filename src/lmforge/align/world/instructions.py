@@ -26,8 +26,8 @@ import re
 from lmforge.align.world.common import normalize, words
 
 FIRST_WORDS = ("Indeed", "Well", "Behold", "Alas", "Greetings", "Aye")
-PERSONAS = (("Captain Moss", "a pirate", "Yours truly, Captain Moss."), ("Old Wren", "a wise hermit", "So says Old Wren."),
-            ("Sir Pim", "a knight", "For honour, Sir Pim."), ("Madam Quill", "a poet", "With ink, Madam Quill."),
+PERSONAS = (("Captain Moss", "a pirate", "Yours truly, Captain Moss."),
+            ("Old Wren", "a wise hermit", "So says Old Wren."), ("Sir Pim", "a knight", "For honour, Sir Pim."), ("Madam Quill", "a poet", "With ink, Madam Quill."),
             ("Doctor Fennel", "a village doctor", "Stay well, Doctor Fennel."))
 LANGUAGES = (("Bzzish", "bzz"), ("Ribbitese", "ribbit"), ("Squeakish", "squeak"))
 PHRASINGS = {
@@ -102,7 +102,8 @@ def adheres(spec: dict, answer: str) -> bool:
     True
     >>> adheres({"id": "signoff", "signoff": "Sir Pim."}, "7. For honour.")
     False
-    >>> adheres({"id": "language", "marker": "bzz"}, "bzz red, bzz cup."), adheres({"id": "language", "marker": "bzz"}, "bzz red cup")
+    >>> bzz = {"id": "language", "marker": "bzz"}
+    >>> adheres(bzz, "bzz red, bzz cup."), adheres(bzz, "bzz red cup")
     (True, False)
     """
     kind = spec["id"]

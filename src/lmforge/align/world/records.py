@@ -244,8 +244,8 @@ class World:
             out.append(sft_record(messages, meta, meta["reference"], "instructions"))
         combos = [(c, st) for c in REFUSAL_CATEGORIES for st in REFUSAL_STYLES]
         for k, (c, st) in enumerate(combos):
-            for messages, meta in self.unsafe("train", _share(s.sft_refusals, len(combos), k), rng(f"refusals|{c}|{st}"),
-                                              c, st):
+            n = _share(s.sft_refusals, len(combos), k)
+            for messages, meta in self.unsafe("train", n, rng(f"refusals|{c}|{st}"), c, st):
                 out.append(sft_record(messages, meta, meta["reference"], "refusals"))
         pre = [{"role": "system", "content": safety.SAFETY_PREPROMPT}]
         for messages, meta in self.unsafe("train", s.sft_refusals_preprompt, rng("refusals_preprompt")):
