@@ -37,6 +37,9 @@ from lmforge.align.world.tasks import check_task
 from lmforge.infer.sampling import SamplingParams
 
 Answerer = Callable[[list[list[dict]], SamplingParams], list[str]]
+# NOTE: every reference answer of world v1 is under 60 tokens even in a 2048-piece vocabulary (a refusal is the
+# longest); 128 leaves room to see a model ramble without letting an untrained one run on for long.
+DEFAULT_SAMPLING = SamplingParams(temperature=0.0, max_new_tokens=128)
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -113,11 +116,11 @@ def answer_prompts(model, tokenizer, records: Sequence[dict], sampling: Sampling
                    progress: bool = True) -> list[str | list[str]]:
     """An answer per record: a string, or for a rollout record the list of its turns' answers, each turn
     answered after the model's own earlier answers. `answer` replaces the in-process `EngineAnswerer` of
-    (model, tokenizer); dialogues go to it `chunk_size` at a time. Greedy decoding of 256 tokens at most by
-    default."""
+    (model, tokenizer); dialogues go to it `chunk_size` at a time. `sampling` defaults to DEFAULT_SAMPLING
+    (greedy, at most 128 tokens)."""
     from tqdm import tqdm
 
-    sampling = sampling or SamplingParams(temperature=0.0, max_new_tokens=256)
+    sampling = sampling or DEFAULT_SAMPLING
     if sampling.stop:
         raise EvalChatError("eval chat ends answers at </s>; stop strings are not supported (sampling.stop)")
     answer = answer or EngineAnswerer(model, tokenizer, batch_size)
@@ -276,7 +279,7 @@ def eval_chat(
     out: Path | None = None,
     answers: Path | None = None,
     tokenizer: Path | None = None,
-    sampling: SamplingParams = SamplingParams(temperature=0.0, max_new_tokens=256),
+    sampling: SamplingParams = DEFAULT_SAMPLING,
     batch_size: int = 64,
     limit: int | None = None,
     device: str | None = None,
@@ -296,7 +299,7 @@ def eval_chat(
         answers: Write each record with its answer and scores here as jsonl (default: beside --out, with
             .answers.jsonl in place of its suffix).
         tokenizer: A SentencePiece tokenizer.model.
-        sampling: Sampling of the answers (default greedy, at most 256 tokens; --sampling.temperature 0.7 ...).
+        sampling: Sampling of the answers (default greedy, at most 128 tokens; --sampling.temperature 0.7 ...).
         batch_size: Sequences the engine decodes together.
         limit: Only the first N records of each prompt file.
         device: cuda or cpu (default: cuda when available).
@@ -307,7 +310,7 @@ def eval_chat(
     Returns:
         The report (also written to --out).
     """
-    from lmforge.infer.cli import _load
+    from lmforge.infer.cli import _load  # the loader of `lmforge generate`: model, tokenizer, vocabulary check
     from lmforge.io import OutputExistsError, atomic_file
 
     paths = [prompts] if isinstance(prompts, (str, Path)) else list(prompts or [])

@@ -27,7 +27,9 @@ from lmforge.align.world.common import normalize, words
 
 FIRST_WORDS = ("Indeed", "Well", "Behold", "Alas", "Greetings", "Aye")
 PERSONAS = (("Captain Moss", "a pirate", "Yours truly, Captain Moss."),
-            ("Old Wren", "a wise hermit", "So says Old Wren."), ("Sir Pim", "a knight", "For honour, Sir Pim."), ("Madam Quill", "a poet", "With ink, Madam Quill."),
+            ("Old Wren", "a wise hermit", "So says Old Wren."),
+            ("Sir Pim", "a knight", "For honour, Sir Pim."),
+            ("Madam Quill", "a poet", "With ink, Madam Quill."),
             ("Doctor Fennel", "a village doctor", "Stay well, Doctor Fennel."))
 LANGUAGES = (("Bzzish", "bzz"), ("Ribbitese", "ribbit"), ("Squeakish", "squeak"))
 PHRASINGS = {
