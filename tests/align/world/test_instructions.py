@@ -70,5 +70,11 @@ def test_placement_system_or_user():
     user = ins.with_instructions(msgs, specs, "user")
     assert len(user) == 1 and user[0]["content"] == "What is 2 + 2? " + ins.instruction_text(specs)
     assert msgs == [{"role": "user", "content": "What is 2 + 2?"}]  # not modified in place
+    dialogue = [{"role": "system", "content": "Be brief."}, msgs[0], {"role": "assistant", "content": "4."}, msgs[0]]
+    every = ins.with_instructions(dialogue, specs, "every_user")
+    assert [m["content"] for m in every] == ["Be brief.", user[0]["content"], "4.", user[0]["content"]]
+    first = ins.with_instructions(dialogue, specs, "user")
+    assert [m["content"] for m in first] == ["Be brief.", user[0]["content"], "4.", "What is 2 + 2?"]
+    assert ins.with_instructions(dialogue, specs, "system")[0]["content"] == "Be brief. " + ins.instruction_text(specs)
     with pytest.raises(ValueError):
         ins.with_instructions(msgs, specs, "assistant")

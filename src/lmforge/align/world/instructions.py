@@ -148,17 +148,22 @@ def strip(specs: list[dict], answer: str) -> str:
     return answer
 
 
+PLACEMENTS = ("system", "user", "every_user")
+
+
 def with_instructions(messages: list[dict], specs: list[dict], placement: str) -> list[dict]:
-    """`messages` with the instructions as a system message ("system") or appended to the first user message
-    ("user"); a system message already there is kept and the instructions follow it."""
+    """`messages` with the instructions as a system message ("system"), appended to the first user message
+    ("user") or to every user message ("every_user": how Ghost Attention samples its answers); a system
+    message already there is kept and the instructions follow it."""
     text = instruction_text(specs)
-    if placement == "user":
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    if placement in ("user", "every_user"):
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         out = [dict(m) for m in messages]
-        out[first]["content"] = f"{out[first]['content']} {text}"
+        for i in users if placement == "every_user" else users[:1]:
+            out[i]["content"] = f"{out[i]['content']} {text}"
         return out
     if placement != "system":
-        raise ValueError(f"placement must be 'system' or 'user', got {placement!r}")
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     if messages and messages[0]["role"] == "system":
         return [{"role": "system", "content": f"{messages[0]['content']} {text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
