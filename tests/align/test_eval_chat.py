@@ -140,9 +140,27 @@ def test_engine_answers_are_greedy_generation(tiny):
     sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
     got = answer_prompts(model, tok, records, sampling, answer=EngineAnswerer(model, tok, batch_size=4),
                          progress=False)
+    assert got == _greedy_answers(model, tok, records, sampling) and any(got)
+
+
+def _greedy_answers(model, tok, records, sampling):
     prompts = [encode_chat(tok, r["messages"], add_generation_prompt=True).ids for r in records]
-    expected = [tok.decode([t for t in g.token_ids if t != tok.eos_id]).strip() for g in generate(model, tok, prompts,
-                                                                                                   sampling)]
+    return [tok.decode([t for t in g.token_ids if t != tok.eos_id]).strip()
+            for g in generate(model, tok, prompts, sampling)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_answers_on_cuda_are_greedy_generation(tiny):
+    """The engine's default CUDA path (graph-replayed decode steps, fused decode attention) answers as plain
+    greedy generation on the same GPU, in float32."""
+    root, model, tok = tiny
+    cuda = type(model)(model.config).cuda().eval()
+    cuda.load_state_dict(model.state_dict())
+    records = read_records(root / "world" / "eval_tasks.jsonl", limit=24)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=16)
+    got = answer_prompts(cuda, tok, records, sampling, answer=EngineAnswerer(cuda, tok, batch_size=8), progress=False)
+    expected = _greedy_answers(cuda, tok, records, sampling)
     assert got == expected and any(got)
 
 
