@@ -152,7 +152,7 @@ class World:
     def tasks(self, family: str, difficulty: int, split: str, n: int, rng) -> list[Task]:
         fam = self.families[family]
         return self.draw_items(n, split, rng, lambda r: fam.draw(difficulty, r), lambda it: [fam.key(it)],
-                          lambda it, r: fam.render(it, difficulty, r), lambda t: t.prompt)
+                               lambda it, r: fam.render(it, difficulty, r), lambda t: t.prompt)
 
     def mixed_tasks(self, split: str, n: int, rng, families: tuple[str, ...] = FAMILY_NAMES) -> list[Task]:
         """Tasks of a uniformly random family (of `families`) and difficulty."""
@@ -161,15 +161,15 @@ class World:
             return family, difficulty, self.families[family].draw(difficulty, r)
 
         return self.draw_items(n, split, rng, draw, lambda it: [self.families[it[0]].key(it[2])],
-                          lambda it, r: self.families[it[0]].render(it[2], it[1], r), lambda t: t.prompt)
+                               lambda it, r: self.families[it[0]].render(it[2], it[1], r), lambda t: t.prompt)
 
     def unsafe(self, split: str, n: int, rng, category: str | None = None, style: str | None = None) -> list:
         return self.draw_items(n, split, rng, lambda r: safety.draw_unsafe(r, category, style), safety.unsafe_keys,
-                          safety.render_unsafe)
+                               safety.render_unsafe)
 
     def lookalikes(self, split: str, n: int, rng, category: str | None = None) -> list:
         return self.draw_items(n, split, rng, lambda r: safety.draw_lookalike(r, category),
-                          lambda it: [safety.lookalike_key(it)], lambda it, r: safety.render_lookalike(it))
+                               lambda it: [safety.lookalike_key(it)], lambda it, r: safety.render_lookalike(it))
 
     def creative(self, split: str, n: int, rng) -> list:
         return self.draw_items(n, split, rng, creative.draw, lambda it: [creative.key(it)], creative.render)
