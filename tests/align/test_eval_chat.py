@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from align_helpers import SMALL
+from helpers import WORLD_SMALL as SMALL
+from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 from helpers import unit_scale_
 
 from lmforge import ModelConfig, Transformer

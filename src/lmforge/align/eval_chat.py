@@ -44,24 +44,32 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class EvalChatError(ValueError):
-    """A prompt file, record or option that eval chat cannot use (the message names the file and line; a line
-    that is not a JSON object raises lmforge.data.sources.DataError, also a ValueError)."""
+    """A prompt file, record or option that eval chat cannot use (the message names the file and line)."""
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
     """The world records of a jsonl file (its first `limit`), checked: JSON objects of world v1 with messages
     ending in a user turn and a meta the scorer knows."""
-    from lmforge.data.sources import jsonl_objects
     from lmforge.tokenizer.chat import ChatFormatError, exchanges
 
     path, records = Path(path), []
-    if not path.is_file():
-        raise EvalChatError(f"no such prompt file: {path}")
-    for n, r in jsonl_objects(path):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalChatError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+    for n, line in enumerate(lines, 1):
         if limit is not None and len(records) == limit:
             break
+        if not line.strip():
+            continue
         where = f"{path}:{n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalChatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise EvalChatError(f"{where}: expected a JSON object, got {type(r).__name__}")
         if r.get("world") != VERSION:
             raise EvalChatError(f"{where}: record of world {r.get('world')!r}; this lmforge scores world {VERSION} "
                                 "(build the prompt sets with `lmforge world build`)")

@@ -136,10 +136,7 @@ def _read_text(path: Path, text_field: str) -> Iterator[Document]:
     yield Document(text, str(path))
 
 
-def jsonl_objects(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a jsonl file; a DataError naming the file and line for
-    a line that is not UTF-8, not JSON, or not a JSON object."""
-    path = Path(path)
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             line = _decode(raw, path, n)
@@ -153,17 +150,12 @@ def jsonl_objects(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            yield n, record
-
-
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    for n, record in jsonl_objects(path):
-        if text_field not in record:
-            raise DataError(f"{path}:{n}: no field {text_field!r} (fields: {', '.join(sorted(record)) or 'none'})")
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, expected a string")
-        yield Document(text, str(path), f"line {n}")
+            if text_field not in record:
+                raise DataError(f"{path}:{n}: no field {text_field!r} (fields: {', '.join(sorted(record)) or 'none'})")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, expected a string")
+            yield Document(text, str(path), f"line {n}")
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:

@@ -3,17 +3,18 @@ the SFT set shaped as the later stages need, and the output rule."""
 
 import hashlib
 import json
-from collections import Counter
 import re
+from collections import Counter
+
 import pytest
 import yaml
-from align_helpers import SMALL
+from helpers import WORLD_SMALL as SMALL
 
 from lmforge.align.world import safety
 from lmforge.align.world.build import build_world
 from lmforge.align.world.facts import ATTRIBUTES
-from lmforge.align.world.tasks import list_key
 from lmforge.align.world.records import REFUSAL_CATEGORIES, REFUSAL_STYLES, WorldSizes
+from lmforge.align.world.tasks import list_key
 from lmforge.cli import main
 from lmforge.io import OutputExistsError
 from lmforge.tokenizer.chat import exchanges

@@ -1,8 +1,7 @@
-"""Fixtures of the alignment tests: a small world's sizes, the default-size world built once, one torch thread."""
+"""Fixtures of the world tests: a small world's sizes, and the default-size world built once."""
 
 import pytest
-from align_helpers import SMALL
-from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
+from helpers import WORLD_SMALL as SMALL
 
 from lmforge.align.world.build import build_world
 from lmforge.align.world.records import WorldSizes
