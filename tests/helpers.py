@@ -1,6 +1,14 @@
 """Helpers shared by tests in several folders (importable as `helpers`: pyproject puts tests/ on sys.path)."""
 
+import pytest
 import torch
+
+# The sizes of a chat world small enough to build in a fraction of a second (tests/align).
+WORLD_SMALL = dict(
+    entities=6, corpus_files=4, corpus_arithmetic=200, corpus_lists=100, corpus_counting=100, corpus_lore=2,
+    corpus_stories=20, sft_tasks=120, sft_multiturn=10, sft_instructions=20, sft_refusals=12, sft_refusals_preprompt=20,
+    sft_lookalikes=20, sft_lookalikes_preprompt=5, sft_creative=5, eval_tasks=5, eval_unsafe=10, eval_lookalikes=10,
+    eval_instructions=10, eval_multiturn=4, multiturn_turns=3, eval_factual=6, eval_creative=5, rlhf_prompts=40)
 
 
 @torch.no_grad()
@@ -15,3 +23,16 @@ def unit_scale_(model: torch.nn.Module, norms: bool = True) -> torch.nn.Module:
         else:
             p.normal_(0, p.shape[-1] ** -0.5)
     return model
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run a test on one torch thread (import it into a conftest.py to apply it to a folder).
+
+    NOTE: batch-1 decoding of a tiny model is a chain of (3, 64) x (64, 176) products; on a busy 2-core
+    machine two OpenMP threads spin on each other and run such tests 5-10x slower than one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,9 @@ import sys
 
 
 def _verbs() -> dict:
+    from lmforge.align.eval_chat import eval_chat
     from lmforge.align.sft import sft
+    from lmforge.align.world.build import build_world
     from lmforge.models.convert import convert
     from lmforge.infer.cli import chat, generate_cli
     from lmforge.train.evaluate import evaluate
@@ -27,7 +29,8 @@ def _verbs() -> dict:
         "chat": chat,
         "pretrain": pretrain,
         "sft": sft,
-        "eval": evaluate,
+        "eval": {"loss": evaluate, "chat": eval_chat},
+        "world": {"build": build_world},
         "tokenizer": {"train": train_tokenizer},
         "data": {"prepare": prepare_data},
     }

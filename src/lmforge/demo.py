@@ -99,7 +99,7 @@ def main(out: Path = OUT) -> None:
     print(f"  lmforge data prepare --tokenizer {out}/tokenizer --out_dir {out}/data --val_fraction 0.02 "
           "--overwrite true")
     print(f"  lmforge pretrain --config {run_dir}/config.yaml --run.dir runs/demo-again")
-    print(f"  lmforge eval {run_dir}/model {out}/data --seq_len {TRAIN.seq_len}")
+    print(f"  lmforge eval loss {run_dir}/model {out}/data --seq_len {TRAIN.seq_len}")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
 
 

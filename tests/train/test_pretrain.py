@@ -150,7 +150,7 @@ def test_eval_verb_reports_the_perplexity_of_every_validation_sample(token_data,
     from lmforge.train.evaluate import evaluate
 
     main(pretrain_args(token_data, tmp_path / "run", "--train.steps", "2", "--run.eval_every", "0"))
-    main(["eval", str(tmp_path / "run" / "model"), token_data, "--seq_len", "128", "--batch_size", "5", "--device", "cpu"])
+    main(["eval", "loss", str(tmp_path / "run" / "model"), token_data, "--seq_len", "128", "--batch_size", "5", "--device", "cpu"])
     assert "perplexity" in capsys.readouterr().out
     result = evaluate(str(tmp_path / "run" / "model"), token_data, seq_len=128, batch_size=5, device="cpu")
     model = load_model(tmp_path / "run" / "model")
