@@ -51,41 +51,40 @@ class EvalChatError(ValueError):
 def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
     """The world records of a jsonl file (its first `limit`), checked: JSON objects of world v1 with messages
     ending in a user turn and a meta the scorer knows."""
-    from lmforge.tokenizer.chat import ChatFormatError, exchanges
+    from lmforge.data.sources import DataError, iter_records
 
     path, records = Path(path), []
+    if not path.is_file():
+        raise EvalChatError(f"cannot read prompt file {path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalChatError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
-    for n, line in enumerate(lines, 1):
-        if limit is not None and len(records) == limit:
-            break
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalChatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(r, dict):
-            raise EvalChatError(f"{where}: expected a JSON object, got {type(r).__name__}")
-        if r.get("world") != VERSION:
-            raise EvalChatError(f"{where}: record of world {r.get('world')!r}; this lmforge scores world {VERSION} "
-                                "(build the prompt sets with `lmforge world build`)")
-        messages, meta = r.get("messages"), r.get("meta")
-        if not isinstance(meta, dict):
-            raise EvalChatError(f"{where}: a record needs a 'meta' object")
-        try:
-            exchanges(messages, add_generation_prompt=True)  # a Llama 2 dialogue ending with the user's turn
-        except ChatFormatError as e:
-            raise EvalChatError(f"{where}: {e}") from None
-        if meta.get("kind") not in KINDS:
-            raise EvalChatError(f"{where}: meta.kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
-        if meta.get("rollout") and sum(m.get("role") == "user" for m in messages) != len(meta.get("turns", [])):
-            raise EvalChatError(f"{where}: a rollout record needs one meta.turns entry per user message")
-        records.append({**r, "source": str(path)})
+        for where, r in iter_records(path):
+            if limit is not None and len(records) == limit:
+                break
+            records.append(_checked_record(r, where, path))
+    except DataError as e:
+        raise EvalChatError(str(e)) from None
     return records
+
+
+def _checked_record(r: dict, where: str, path: Path) -> dict:
+    """A world record, checked (read_records); EvalChatError naming `where` otherwise."""
+    from lmforge.tokenizer.chat import ChatFormatError, exchanges
+
+    if r.get("world") != VERSION:
+        raise EvalChatError(f"{where}: record of world {r.get('world')!r}; this lmforge scores world {VERSION} "
+                            "(build the prompt sets with `lmforge world build`)")
+    messages, meta = r.get("messages"), r.get("meta")
+    if not isinstance(meta, dict):
+        raise EvalChatError(f"{where}: a record needs a 'meta' object")
+    try:
+        exchanges(messages, add_generation_prompt=True)  # a Llama 2 dialogue ending with the user's turn
+    except ChatFormatError as e:
+        raise EvalChatError(f"{where}: {e}") from None
+    if meta.get("kind") not in KINDS:
+        raise EvalChatError(f"{where}: meta.kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
+    if meta.get("rollout") and sum(m.get("role") == "user" for m in messages) != len(meta.get("turns", [])):
+        raise EvalChatError(f"{where}: a rollout record needs one meta.turns entry per user message")
+    return {**r, "source": str(path)}
 
 
 # ---- answering ---------------------------------------------------------------------------------------------
