@@ -15,6 +15,7 @@ import sys
 def _verbs() -> dict:
     from lmforge.models.convert import convert
     from lmforge.infer.cli import chat, generate_cli
+    from lmforge.lora_export import export_lora
     from lmforge.train.evaluate import evaluate
     from lmforge.train.pretrain import pretrain
     from lmforge.data.prepare import prepare_data
@@ -28,6 +29,7 @@ def _verbs() -> dict:
         "eval": evaluate,
         "tokenizer": {"train": train_tokenizer},
         "data": {"prepare": prepare_data},
+        "lora": {"export": export_lora},
     }
 
 
