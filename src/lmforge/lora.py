@@ -286,9 +286,10 @@ def set_lora_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: s
             layer.lora_B[_ADAPTER].weight.copy_(B)
 
 
-def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The frozen base of a LoRA model under the plain Transformer's names (those of `save_model`)."""
-    return {_WRAPPERS.sub("", k): v for k, v in model.state_dict().items() if ".lora_" not in k}
+def base_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The frozen base in a LoRA model's state dict (`model.state_dict()`, or `full_model_state_dict(model)`
+    of lmforge.parallel when sharded), under the plain Transformer's names (those of `save_model`)."""
+    return {_WRAPPERS.sub("", k): v for k, v in state.items() if ".lora_" not in k}
 
 
 def merge_adapters(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
@@ -307,11 +308,14 @@ def merge_lora(model: Transformer) -> Transformer:
     """A plain Transformer computing what the LoRA model computes without dropout: W + (alpha / r) B A.
 
     The LoRA model is left as it is; the new model shares the tensors of every weight that was not adapted.
-    For a sharded (FSDP2) model, merge the gathered states with `merge_adapters` instead.
+    For a sharded (FSDP2) model, merge the gathered states instead (collectives: every rank calls both):
+
+        base, adapters = base_state_dict(full_model_state_dict(model)), lora_state_dict(model)
+        save_model(model, path, state_dict=merge_adapters(base, adapters, cfg.scale))   # on rank 0
     """
     from lmforge.models.checkpoint import model_from_state_dict
 
-    state = merge_adapters(base_state_dict(model), lora_state_dict(model), model.lora_config.scale)
+    state = merge_adapters(base_state_dict(model.state_dict()), lora_state_dict(model), model.lora_config.scale)
     return model_from_state_dict(model.config, state, "merged LoRA model")
 
 
@@ -390,7 +394,7 @@ def check_base(model: Transformer, base: BaseIdentity, source: str) -> None:
         theirs, ours = dataclasses.asdict(base.config), dataclasses.asdict(model.config)
         diff = ", ".join(f"{k} {theirs[k]} (model: {ours[k]})" for k in theirs if theirs[k] != ours[k])
         raise LoraError(f"{source} was trained on a different base model: {diff}")
-    fingerprint = base_fingerprint(base_state_dict(model))
+    fingerprint = base_fingerprint(base_state_dict(model.state_dict()))
     if fingerprint != base.fingerprint:
         where = f" (recorded base: {base.path})" if base.path else ""
         raise LoraError(f"{source} was trained on other base weights{where}: fingerprint {base.fingerprint[:12]}, "

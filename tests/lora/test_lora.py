@@ -97,7 +97,7 @@ def test_our_merge_equals_peft_merge(preset):
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.merge()
-    for name, theirs in base_state_dict(model).items():
+    for name, theirs in base_state_dict(model.state_dict()).items():
         torch.testing.assert_close(ours[name], theirs, rtol=0, atol=1e-6, msg=name)
 
 
@@ -107,7 +107,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(preset):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == len(lora_shapes(model.config, model.lora_config))
-    base_before = {k: v.clone() for k, v in base_state_dict(model).items()}
+    base_before = {k: v.clone() for k, v in base_state_dict(model.state_dict()).items()}
     lora_before = lora_state_dict(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model.train()
@@ -119,7 +119,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(preset):
         assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
         opt.step()
         opt.zero_grad()
-    for name, value in base_state_dict(model).items():
+    for name, value in base_state_dict(model.state_dict()).items():
         assert torch.equal(value, base_before[name]), name
     after = lora_state_dict(model)
     assert all(not torch.equal(after[k], lora_before[k]) for k in after)  # every A and B moved
@@ -281,3 +281,23 @@ def test_loaded_base_in_our_format_round_trips_with_its_adapter(tmp_path):
     again = load_lora_model(tmp_path / "adapter")  # the recorded base folder
     with torch.no_grad():
         assert torch.equal(again(tokens()), model(tokens()))
+
+
+@pytest.mark.parametrize("preset", ["tiny-swa", "tiny-moe"])
+def test_the_engine_serves_the_merged_model_with_the_adapter_models_greedy_tokens(preset):
+    """LLMEngine (paged cache, chunked pre-fill, batching) on the merged model against greedy decoding of the
+    adapter model by full recomputation; prompts plus outputs run past tiny-swa's window (8)."""
+    from lmforge.infer.engine import LLMEngine
+    from lmforge.infer.sampling import SamplingParams
+
+    model = randomize_adapters_(apply_lora(base_model(preset), CFG))
+    engine = LLMEngine(merge_lora(model).eval(), block_size=4, num_blocks=64, max_num_batched_tokens=16,
+                       max_num_seqs=4, check_invariants=True)
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 11, 6)]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8))
+    for prompt, out in zip(prompts, outs):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert out == seq[len(prompt):]
