@@ -205,6 +205,12 @@ def worker(args) -> dict:
     return row
 
 
+def _table_line(r: dict) -> str:
+    figures = r.get("error", "")[:300] or (f"{r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {r['peak_gib']:9.1f} "
+                                           f"{r['loss']:7.3f}")
+    return f"{r['system']:34s} {r['micro_batch']:3d} {figures}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="lmforge,trl", help="comma-separated subset of lmforge, trl")
@@ -238,12 +244,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'system':34s} {'mb':>3s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['system']:34s} {r['micro_batch']:3d} {r['error'][:300]}")
-            continue
-        print(f"{r['system']:34s} {r['micro_batch']:3d} {r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} "
-              f"{r['peak_gib']:9.1f} {r['loss']:7.3f}")
+    print("\n".join(_table_line(r) for r in rows))
     ok = {r["system"].split("-")[0]: r for r in rows if "error" not in r and r["micro_batch"] == rows[0]["micro_batch"]}
     if {"lmforge", "trl"} <= ok.keys():
         print(f"lmforge / TRL tokens/s at micro-batch {rows[0]['micro_batch']}: "
