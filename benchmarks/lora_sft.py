@@ -107,14 +107,15 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
     try:
         from lmforge.train.sft import build_sft_step  # GAP: the SFT harness's step, once it exists
     except ImportError:
-        system, step = "lmforge-standin", _standin_step(model, device, args.compile, args.checkpointing)
+        system, step = "lmforge-standin", _standin_step(model, device, bool(args.compile), args.checkpointing)
     else:
         from lmforge.lora import ALL_TARGETS, LoraConfig
         from lmforge.parallel import ParallelConfig
 
         system = "lmforge-sft"
-        step = build_sft_step(model, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS), device=device,
-                              parallel=ParallelConfig(compile=args.compile, activation_checkpointing=args.checkpointing))
+        parallel = ParallelConfig(compile=bool(args.compile), activation_checkpointing=args.checkpointing)
+        step = build_sft_step(model, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS), parallel=parallel,
+                              device=device)
     ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
     B, n = args.micro_batch, args.examples // args.micro_batch
     times, losses = [], []
@@ -236,7 +237,8 @@ def main() -> None:
         for mb in args.micro_batches.split(","):
             cmd = [sys.executable, __file__, "--worker", system, "--micro_batch", mb, "--seq_len", str(args.seq_len),
                    "--examples", str(args.examples), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--checkpointing", args.checkpointing, "--compile", str(args.compile)] + (["--quick"] if args.quick else [])
+                   "--checkpointing", args.checkpointing, "--compile", str(args.compile)]
+            cmd += ["--quick"] if args.quick else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             row = json.loads(found[-1]) if found else {

@@ -2,7 +2,7 @@
 
     lmforge lora export runs/sft/adapter models/merged    --to lmforge   # full model, our format
     lmforge lora export runs/sft/adapter export/merged-hf --to hf        # full model, Hugging Face format
-    lmforge lora export runs/sft/adapter export/adapter   --to peft      # adapter_config.json + adapter_model.safetensors
+    lmforge lora export runs/sft/adapter export/adapter   --to peft      # adapter_config.json, adapter_model.safetensors
 
 Merged ("lmforge", "hf"): the base (the folder the adapter folder records, or `--base`) with W + (alpha / r) B A
 in every adapted weight, written like any model (`lmforge convert` and the engine take it as it is).

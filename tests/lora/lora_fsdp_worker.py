@@ -60,7 +60,8 @@ def main(out: Path) -> None:
     mesh = training_mesh(torch.device("cpu"), 1)
     for preset in PRESETS:
         model = lora_model(preset)
-        net = parallelize(model, ParallelConfig(mode="fsdp", activation_checkpointing="full"), torch.device("cpu"), mesh)
+        parallel = ParallelConfig(mode="fsdp", activation_checkpointing="full")
+        net = parallelize(model, parallel, torch.device("cpu"), mesh)
         losses = train(net, model, rank, world)
         adapters, base = lora_state_dict(model), base_state_dict(full_model_state_dict(model))  # collectives
         if rank == 0:

@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.slow
 def test_fsdp_two_ranks_train_the_adapters_of_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), str(HERE)])}
+    path = os.pathsep.join([str(HERE.parents[1] / "src"), str(HERE)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "lora_fsdp_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

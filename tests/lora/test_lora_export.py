@@ -49,7 +49,7 @@ def test_peft_adapter_on_the_hf_base_gives_our_logits(preset, cfg, tmp_path, cap
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     with caplog.at_level(logging.WARNING):
         hf = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
-    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage().lower()]
+    assert not [r for r in caplog.records if any(w in r.getMessage().lower() for w in ("missing", "unexpected"))]
     x = tokens(23)
     with torch.no_grad():
         theirs = hf(x).logits
