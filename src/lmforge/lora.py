@@ -136,7 +136,8 @@ class BaseIdentity:
     path: str | None = None
 
 
-def _peft():
+def require_peft():
+    """The peft module, or one LoraError line saying how to install it."""
     try:
         import peft
     except ImportError as e:  # NOTE: a ValueError, so that the CLI ends with this one line
@@ -186,7 +187,7 @@ def apply_lora(model: Transformer, cfg: LoraConfig, *, base_path: str | Path | N
         raise LoraError("apply_lora needs the loaded single-device base: call it after loading the weights and "
                         "before parallelize")
     target_modules, target_parameters = _peft_targets(model.config, cfg)
-    peft = _peft()
+    peft = require_peft()
     path = None if base_path is None else str(base_path)
     identity = BaseIdentity(model.config, base_fingerprint(model.state_dict()), path)
     peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
@@ -427,6 +428,7 @@ def load_lora_model(adapter: str | Path, base: str | Path | None = None, device=
 
 __all__ = [
     "ADAPTER_DTYPE", "ALL_TARGETS", "BaseIdentity", "LoraAdapter", "LoraConfig", "LoraError", "apply_lora",
-    "base_fingerprint", "base_state_dict", "check_base", "is_lora", "load_lora", "load_lora_model", "lora_shapes",
-    "lora_state_dict", "merge_adapters", "merge_lora", "read_lora", "save_lora", "set_lora_state_dict",
+    "base_fingerprint", "base_state_dict", "check_base", "check_lora_tensors", "is_lora", "load_lora",
+    "load_lora_model", "lora_shapes", "lora_state_dict", "merge_adapters", "merge_lora", "read_lora",
+    "require_peft", "save_lora", "set_lora_state_dict",
 ]

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from lmforge.io import claim_output_dir, output_dir
-from lmforge.lora import LoraAdapter, LoraError, load_lora_model, merge_lora, read_lora
+from lmforge.lora import LoraAdapter, LoraError, load_lora_model, merge_lora, read_lora, require_peft
 from lmforge.models.checkpoint import save_model
 from lmforge.models.convert import _heads, _name_pairs, _permute_to_hf, save_hf_folder
 
@@ -59,9 +59,9 @@ def peft_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 
 def save_peft_adapter(adapter: LoraAdapter, dst: str | Path, overwrite: bool = False) -> Path:
     """Write `adapter` as a peft adapter folder (adapter_config.json, adapter_model.safetensors)."""
-    import peft
     from safetensors.torch import save_file
 
+    peft = require_peft()
     state = peft_state_dict(adapter)
     modules = sorted({name.split(".")[-3] for name in state})  # ...self_attn.q_proj.lora_A.weight -> q_proj
     alpha = adapter.lora.alpha
