@@ -37,6 +37,7 @@ python-dateutil 4.0.0, tzdata 2026.6; and huggingface_hub 1.33.0 where the insta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -102,8 +103,8 @@ def _standin_step(model, device: torch.device, compile: bool, checkpointing: str
 def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
     from lmforge import Transformer
 
-    with torch.device(device):
-        model = Transformer(cfg)  # random init, in the default dtype set by the worker (bf16 on CUDA)
+    with torch.device(device), _base_dtype(device):
+        model = Transformer(cfg)  # random init
     try:
         from lmforge.train.sft import build_sft_step  # GAP: the SFT harness's step, once it exists
     except ImportError:
@@ -140,7 +141,7 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-    with torch.device(device):
+    with torch.device(device), _base_dtype(device):
         model = hf_model(cfg, "sdpa")
     # A tokenizer only for its pad / eos ids: the data is pre-tokenized.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -185,6 +186,18 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
             "loss": result.training_loss}
 
 
+@contextlib.contextmanager
+def _base_dtype(device: torch.device):
+    """Build the base in bf16 on CUDA (float32 on the CPU); only while building, so that nothing else (the
+    Trainer's loss accumulators, say) runs in a changed default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -195,7 +208,6 @@ def worker(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     cfg = ModelConfig.from_name("tiny" if args.quick else "llama2-7b", max_seq_len=max(args.seq_len, 256))
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)  # the base's dtype
     row = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "checkpointing": args.checkpointing}
     try:
         row |= (run_lmforge if args.worker == "lmforge" else run_trl)(cfg, args, device)
