@@ -18,6 +18,7 @@ def _verbs() -> dict:
     from lmforge.align.world.build import build_world
     from lmforge.models.convert import convert
     from lmforge.infer.cli import chat, generate_cli
+    from lmforge.lora_export import export_lora
     from lmforge.train.evaluate import evaluate
     from lmforge.train.pretrain import pretrain
     from lmforge.data.prepare import prepare_data
@@ -33,6 +34,7 @@ def _verbs() -> dict:
         "world": {"build": build_world},
         "tokenizer": {"train": train_tokenizer},
         "data": {"prepare": prepare_data},
+        "lora": {"export": export_lora},
     }
 
 

@@ -207,6 +207,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    if getattr(model, "lora_config", None) is not None:  # the plans below name plain Linear modules
+        raise ValueError("tensor parallelism does not split LoRA adapters: train LoRA with parallel.tensor_parallel "
+                         "1 (FSDP2 shards adapters and base over the ranks)")
     tp = tp_mesh.size()
     cfg = model.config
     if cfg.n_heads % tp or cfg.n_kv_heads % tp:

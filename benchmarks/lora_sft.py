@@ -1,0 +1,273 @@
+"""LoRA SFT throughput and peak memory: lmforge against TRL's SFTTrainer + peft, same shapes and same data.
+
+Run on the device machine (one H200), from the repository root:
+
+    PYTHONPATH=src python3 benchmarks/lora_sft.py                           # Llama-2-7B shapes, micro-batch 2
+    PYTHONPATH=src python3 benchmarks/lora_sft.py --micro_batches 2,4 --systems lmforge
+    PYTHONPATH=src python3 benchmarks/lora_sft.py --quick                   # tiny shapes, CPU smoke test
+
+The setting (issue 21's goal): Llama-2-7B shapes with random weights, a frozen bf16 base, float32 adapters of
+rank 16 (alpha 32, no dropout) on all seven projections (q k v o gate up down), sequence 4096, AdamW (fused,
+lr 1e-4, constant, no weight decay) on the adapters only, gradient clipping at 1.0, bf16 autocast.
+
+Data: `--examples` SFT examples of random token ids, each exactly `--seq_len` long, the first 10% the prompt
+(no loss) and the rest the completion. Both systems forward `micro_batch x seq_len` tokens per step, so
+tokens/s compares the same work. TRL (version pinned below) trains a pre-tokenized dataset with a
+`completion_mask` (`completion_only_loss`), `packing=False`, `padding_free=False` (batches padded to their
+longest example, here all of one length), sdpa attention, as its users run it. lmforge runs its model with
+`lmforge.lora.apply_lora`, per-block torch.compile (`lmforge.parallel.parallelize`) and the fused linear
+cross-entropy of `lmforge.train.linear_ce`.
+
+GAP (issue 21, until the SFT harness lands): the lmforge side calls `lmforge.train.sft.build_sft_step` if it
+exists (expected: `build_sft_step(model, lora=LoraConfig, parallel=ParallelConfig, device=torch.device)` ->
+`step(inputs, targets, loss_mask) -> detached loss`, one optimizer step on one micro-batch of the real
+`lmforge sft` loop); otherwise it times `_standin_step` below, built from the same parts pretrain's loop uses.
+Each row names which one ran ("lmforge-sft" or "lmforge-standin").
+
+Every (system, micro-batch) runs in a fresh subprocess, so each peak memory is its own. Warm-up steps (compile,
+allocator growth) are not timed. Prints one table; writes JSON to $OUT/lora_sft.json if OUT is set.
+
+Wheels both sides need beyond torch 2.11 and transformers 5.17 (Python 3.12, manylinux x86_64; resolved with
+pip from trl 1.16.0 + peft 0.21.2 on top of those two): trl 1.16.0, peft 0.21.2, accelerate 1.15.0, datasets
+5.2.0, pyarrow 26.0.1, pandas 3.1.1, dill 0.4.1, multiprocess 0.70.19, xxhash 4.1.0, psutil 7.2.2,
+python-dateutil 4.0.0, tzdata 2026.6; and huggingface_hub 1.33.0 where the installed one is older than 1.31
+(datasets 5.2 needs >= 1.31). lmforge's side needs peft and accelerate of these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from train_throughput import hf_model  # the same Hugging Face model for the same ModelConfig
+
+from lmforge import ModelConfig
+
+RANK, ALPHA = 16, 32.0
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT_FRACTION = 0.1
+LR = 1e-4
+
+
+def sft_data(n: int, T: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (n, T) int64, completion (n, T) bool): random tokens, the first 10% of each example the prompt."""
+    ids = torch.randint(3, vocab, (n, T), generator=torch.Generator().manual_seed(0))
+    completion = torch.arange(T).expand(n, T) >= int(PROMPT_FRACTION * T)
+    return ids, completion
+
+
+def next_token_targets(ids: torch.Tensor, completion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and loss mask for inputs `ids` (B, T): position t predicts ids[t + 1] where that is a completion
+    token; the last position has no target. This is what Hugging Face's shifted `labels` train."""
+    targets = ids.roll(-1, dims=1)
+    mask = completion.roll(-1, dims=1)
+    mask[:, -1] = False
+    return targets, mask
+
+
+def _standin_step(model, device: torch.device, compile: bool, checkpointing: str):
+    """One LoRA SFT optimizer step on one micro-batch, from the parts `lmforge pretrain` uses (a stand-in for
+    the SFT harness's step; see GAP in the module docstring)."""
+    from lmforge.lora import ALL_TARGETS, LoraConfig, apply_lora
+    from lmforge.parallel import ParallelConfig, parallelize
+    from lmforge.train.evaluate import autocast_context
+    from lmforge.train.linear_ce import linear_cross_entropy
+
+    apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS))
+    net = parallelize(model, ParallelConfig(mode="none", compile=compile, activation_checkpointing=checkpointing),
+                      device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+
+    def step(inputs, targets, mask):
+        with autocast_context(device, "auto"):
+            hidden = net(inputs, return_hidden=True)
+            loss = linear_cross_entropy(hidden, model.output.weight, targets, mask) / mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
+    from lmforge import Transformer
+
+    with torch.device(device), _base_dtype(device):
+        model = Transformer(cfg)  # random init
+    try:
+        from lmforge.train.sft import build_sft_step  # GAP: the SFT harness's step, once it exists
+    except ImportError:
+        system, step = "lmforge-standin", _standin_step(model, device, bool(args.compile), args.checkpointing)
+    else:
+        from lmforge.lora import ALL_TARGETS, LoraConfig
+        from lmforge.parallel import ParallelConfig
+
+        system = "lmforge-sft"
+        parallel = ParallelConfig(compile=bool(args.compile), activation_checkpointing=args.checkpointing)
+        step = build_sft_step(model, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS), parallel=parallel,
+                              device=device)
+    ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
+    B, n = args.micro_batch, args.examples // args.micro_batch
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        rows = slice((i % n) * B, (i % n + 1) * B)
+        inputs, comp = ids[rows].to(device), completion[rows].to(device)
+        targets, mask = next_token_targets(inputs, comp)
+        _sync(device)
+        t0 = time.perf_counter()
+        losses.append(step(inputs, targets, mask))
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"system": system, "step_s": sum(times) / len(times), "loss": float(losses[-1])}
+
+
+def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
+    import datasets
+    import peft
+    import trl
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+    with torch.device(device), _base_dtype(device):
+        model = hf_model(cfg, "sdpa")
+    # A tokenizer only for its pad / eos ids: the data is pre-tokenized.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": completion.int().tolist()})
+
+    class StepTimer(TrainerCallback):
+        """Per-step wall time, synchronised with the device (the Trainer's own step loop, nothing else)."""
+
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, targs, state, control, **kw):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kw):
+            _sync(device)
+            if state.global_step > args.warmup:
+                self.times.append(time.perf_counter() - self.t0)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        sft_args = trl.SFTConfig(
+            output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+            max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", max_grad_norm=1.0,
+            bf16=device.type == "cuda", use_cpu=device.type != "cuda",
+            gradient_checkpointing=args.checkpointing == "full",
+            gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=args.seq_len, packing=False,
+            padding_free=False, completion_only_loss=True, logging_steps=args.warmup + args.steps,
+            save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        )
+        peft_config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS,
+                                      bias="none", task_type="CAUSAL_LM")
+        trainer = trl.SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
+                                 peft_config=peft_config, callbacks=[timer])
+        result = trainer.train()
+    return {"system": f"trl-{trl.__version__}+peft-{peft.__version__}", "step_s": sum(timer.times) / len(timer.times),
+            "loss": result.training_loss}
+
+
+@contextlib.contextmanager
+def _base_dtype(device: torch.device):
+    """Build the base in bf16 on CUDA (float32 on the CPU); only while building, so that nothing else (the
+    Trainer's loss accumulators, say) runs in a changed default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(args) -> dict:
+    """One (system, micro-batch) measurement, in this process."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    cfg = ModelConfig.from_name("tiny" if args.quick else "llama2-7b", max_seq_len=max(args.seq_len, 256))
+    torch.manual_seed(0)
+    row = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "checkpointing": args.checkpointing}
+    try:
+        row |= (run_lmforge if args.worker == "lmforge" else run_trl)(cfg, args, device)
+    except torch.OutOfMemoryError:
+        return row | {"system": args.worker, "error": "out of memory"}
+    row["tokens_per_s"] = args.micro_batch * args.seq_len / row["step_s"]
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return row
+
+
+def _table_line(r: dict) -> str:
+    figures = r.get("error", "")[:300] or (f"{r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {r['peak_gib']:9.1f} "
+                                           f"{r['loss']:7.3f}")
+    return f"{r['system']:34s} {r['micro_batch']:3d} {figures}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", default="lmforge,trl", help="comma-separated subset of lmforge, trl")
+    ap.add_argument("--micro_batches", default="2", help="comma-separated micro-batch sizes")
+    ap.add_argument("--seq_len", type=int, default=4096)
+    ap.add_argument("--examples", type=int, default=64, help="distinct examples (cycled)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--checkpointing", choices=["none", "full"], default="none",
+                    help="activation checkpointing on both sides (TRL: gradient_checkpointing)")
+    ap.add_argument("--compile", type=int, default=1, help="lmforge: torch.compile per block (1) or eager (0)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test)")
+    ap.add_argument("--worker", choices=["lmforge", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--micro_batch", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.seq_len, args.examples, args.steps, args.warmup, args.compile = 64, 8, 2, 1, 0
+    if args.worker:
+        print("ROW " + json.dumps(worker(args)), flush=True)
+        return
+    rows = []
+    for system in args.systems.split(","):
+        for mb in args.micro_batches.split(","):
+            cmd = [sys.executable, __file__, "--worker", system, "--micro_batch", mb, "--seq_len", str(args.seq_len),
+                   "--examples", str(args.examples), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--checkpointing", args.checkpointing, "--compile", str(args.compile)]
+            cmd += ["--quick"] if args.quick else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            row = json.loads(found[-1]) if found else {
+                "system": system, "micro_batch": int(mb), "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'system':34s} {'mb':>3s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
+    print("\n".join(_table_line(r) for r in rows))
+    ok = {r["system"].split("-")[0]: r for r in rows if "error" not in r and r["micro_batch"] == rows[0]["micro_batch"]}
+    if {"lmforge", "trl"} <= ok.keys():
+        print(f"lmforge / TRL tokens/s at micro-batch {rows[0]['micro_batch']}: "
+              f"{ok['lmforge']['tokens_per_s'] / ok['trl']['tokens_per_s']:.2f}x")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "lora_sft.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
