@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import seeded_dialogues, write_jsonl
+from sft_helpers import seeded_dialogues, write_jsonl
 from lmforge import ModelConfig, Transformer
 from lmforge.align.packing import pack, row_tensors
 from lmforge.align.sft_data import SFTDataError, mix_counts, mix_epoch, read_dialogues

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lmforge.align.packing import PackedDialogues, PackingStats, pack
 from lmforge.align.sft_data import SFTDataConfig, SFTDataError, TokenizedSource, mix_epoch, tokenize_source
+from lmforge.lora import LoraConfig
 from lmforge.models.checkpoint import load_model
 from lmforge.parallel import ParallelConfig, parallelize
 from lmforge.train.config import RunConfig, TrainBase, TrainConfigError
@@ -96,6 +97,7 @@ def sft(
     optim: OptimConfig = SFT_OPTIM,
     run: RunConfig = RunConfig(),
     parallel: ParallelConfig = ParallelConfig(),
+    lora: LoraConfig = LoraConfig(),
 ) -> Path:
     """Fine-tune a model on dialogues, learning the answers only (Llama 2's SFT recipe as defaults).
 
@@ -107,6 +109,8 @@ def sft(
         optim: AdamW and the schedule (defaults: peak 2e-5, cosine to 10%, weight decay 0.1, no warm-up).
         run: Run folder (default runs/sft), checkpoints, validation, reporting.
         parallel: FSDP2 / DDP under torchrun, activation checkpointing, torch.compile.
+        lora: Low-rank adapters (--lora.rank 16 ...): only they train, the base stays frozen (bf16 on CUDA);
+            the run writes the adapters to RUN/adapter and the merged model to RUN/model. Rank 0: off.
     """
     from lmforge.tokenizer import Tokenizer
 
@@ -117,7 +121,13 @@ def sft(
     accum = train.grad_accum_steps(dp.size)
 
     # ---- model and data ------------------------------------------------------------------------------
-    net = load_model(init_from, device=device, dtype=torch.float32)  # fp32 master weights, as in pre-training
+    # fp32 master weights, as in pre-training; a frozen LoRA base needs none, so it stays bf16 on CUDA
+    dtype = torch.bfloat16 if lora.enabled and device.type == "cuda" else torch.float32
+    net = load_model(init_from, device=device, dtype=dtype)
+    if lora.enabled:
+        from lmforge.lora import apply_lora
+
+        apply_lora(net, lora, base_path=init_from)  # freezes every base parameter
     if train.seq_len > net.config.max_seq_len:
         raise TrainConfigError(f"train.seq_len ({train.seq_len}) exceeds the model's max_seq_len "
                                f"({net.config.max_seq_len})")
@@ -138,7 +148,8 @@ def sft(
     train_net = parallelize(net, parallel, device, place.mesh)
     optimizer = build_optimizer(net, optim)
     scheduler = build_scheduler(optimizer, optim, total)
-    config = {"init_from": init_from, "data": data, "train": train, "optim": optim, "run": run, "parallel": parallel}
+    config = {"init_from": init_from, "data": data, "train": train, "optim": optim, "run": run, "parallel": parallel,
+              "lora": lora}
     state = TrainState(modules={"model": net}, optimizers={"model": optimizer}, schedulers={"model": scheduler},
                        loaders={"train": train_loader}, counters={"step": 0, "tokens_seen": 0, "answer_tokens": 0})
     job = open_run("sft", run, config, place, state, total, spikes=SpikeDetector(train.spike_window, train.spike_sigmas))

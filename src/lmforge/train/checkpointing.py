@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -119,17 +120,26 @@ def _dcp_state(modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.
     """{"modules": {name: state}, "optimizers": {name: state}}: tensors of the right shapes and shardings for
     DCP to write, or to load into. An optimizer is keyed by the name of the module it updates.
     NOTE: for an optimizer without state yet, get_state_dict first runs one zero-lr step to create its
-    exp_avg / exp_avg_sq, so that there is something to load into."""
+    exp_avg / exp_avg_sq, so that there is something to load into.
+    NOTE: frozen parameters (a LoRA model's base) are left out: they come from the base model's folder, so a
+    checkpoint holds only what trains."""
     unknown = sorted(set(optimizers) - set(modules))
     if unknown:
         raise KeyError(f"optimizers {unknown} name no module (modules: {sorted(modules)})")
     state: dict[str, dict] = {"modules": {}, "optimizers": {}}
     for name, module in modules.items():
         if name in optimizers:
-            state["modules"][name], state["optimizers"][name] = get_state_dict(module, optimizers[name])
+            state["modules"][name], state["optimizers"][name] = get_state_dict(module, optimizers[name],
+                                                                               options=_TRAINED)
         else:
-            state["modules"][name] = get_model_state_dict(module)
+            state["modules"][name] = get_model_state_dict(module, options=_TRAINED)
     return state
+
+
+_TRAINED = StateDictOptions(ignore_frozen_params=True)
+# Loading: the checkpoint holds no frozen parameters, so they are not "missing" (dcp.load has checked that every
+# key asked for was there).
+_LOAD_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def save_checkpoint(
@@ -181,9 +191,9 @@ def load_checkpoint(
     for name, module in modules.items():
         if name in optimizers:
             set_state_dict(module, optimizers[name], model_state_dict=state["modules"][name],
-                           optim_state_dict=state["optimizers"][name])
+                           optim_state_dict=state["optimizers"][name], options=_LOAD_TRAINED)
         else:
-            set_model_state_dict(module, state["modules"][name])
+            set_model_state_dict(module, state["modules"][name], options=_LOAD_TRAINED)
     rng_file = path / "rng" / f"rank_{_rank():05d}.json"
     if rng_file.exists():  # absent when resuming with more ranks than saved: those start from their seed
         set_rng_state(json.loads(rng_file.read_text()))

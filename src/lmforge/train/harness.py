@@ -384,14 +384,27 @@ def finish_run(run: Run, state: TrainState, extra: dict[str, Any] | None = None,
 
 def export_model(run: Run, model: nn.Module, tokenizer: str | Path | None, name: str = "model") -> Path | None:
     """Gather the full weights (a collective under FSDP2: every rank calls this) and write them with rank 0 to
-    run.dir/name in our format, with the tokenizer. The folder belongs to the run, so it is replaced if there."""
+    run.dir/name in our format, with the tokenizer. The folder belongs to the run, so it is replaced if there.
+
+    A LoRA model (lmforge.lora) is written twice: its adapters alone to run.dir/adapter (with the base's
+    identity), and merged into the base weights to run.dir/name, a plain model that serves like any other.
+    """
     from lmforge.models.checkpoint import save_model
     from lmforge.parallel import full_model_state_dict
 
+    lora = getattr(model, "lora_config", None)
+    if lora is not None:
+        from lmforge.lora import base_state_dict, lora_state_dict, merge_adapters, save_lora
+
+        adapters = lora_state_dict(model)
     full_state = full_model_state_dict(model)
     if not run.is_main:
         return None
     path = run.dir / name
+    if lora is not None:
+        save_lora(model, run.dir / "adapter", state=adapters, overwrite=True)
+        full_state = merge_adapters(base_state_dict(full_state), adapters, lora.scale)
+        tqdm.write(f"saved the adapters to {run.dir / 'adapter'}")
     save_model(model, path, tokenizer_path=tokenizer, state_dict=full_state)
     tqdm.write(f"saved the trained model to {path}")
     return path
