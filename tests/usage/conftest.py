@@ -13,6 +13,15 @@ from lmforge.data import write_token_documents
 from lmforge.models.checkpoint import save_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on one thread (tests/infer/conftest.py says why: two spin on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_file() -> str:
     return tiny_tokenizer_path()

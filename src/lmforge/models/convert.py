@@ -1,8 +1,8 @@
 """Hugging Face and Meta / Mistral checkpoint interop through one declarative name map.
 
-Our names are Meta's (STYLE.md item 3), so a Meta / Mistral `consolidated.*.pth` needs no renaming, only
-per-expert stacking for Mixtral and concatenation of model-parallel shards. Hugging Face folders go through
-`NAME_MAP` below plus the rotary permutation of the q and k projections:
+Our names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, ...), so a Meta / Mistral
+`consolidated.*.pth` needs no renaming, only per-expert stacking for Mixtral and concatenation of model-parallel
+shards. Hugging Face folders go through `NAME_MAP` below plus the rotary permutation of the q and k projections:
 
 Meta rotates adjacent pairs (x[2p], x[2p+1]) of each head; Hugging Face rotates halves (x[p], x[p + D/2]).
 The rows of wq (and wk, with Hkv heads) are reordered so both compute the same function. Worked example,

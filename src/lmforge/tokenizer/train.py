@@ -1,4 +1,5 @@
-"""`lmforge tokenizer train`: a SentencePiece BPE tokenizer with Llama 2's settings (REFERENCE.md section 2).
+"""`lmforge tokenizer train`: a SentencePiece BPE tokenizer with Llama 2's settings (vocabulary 32,000, digits
+split, byte fallback, <unk> <s> </s> = 0 1 2).
 
 The trainer specification below is the one stored in Llama 2's own tokenizer.model (print it with
 `sentencepiece_model_pb2.ModelProto.FromString(data).trainer_spec`), minus what only concerns Meta's run
