@@ -1,5 +1,5 @@
-"""Fixtures for the tests of what a new user meets (issue 13): a tiny model folder with its tokenizer, token
-shards it can be evaluated on, and a snapshot of a folder to prove that a refused call left it untouched."""
+"""Fixtures for the tests of what a new user meets (issue 13): a tiny model folder with its tokenizer, a small
+corpus, and token shards the model can be evaluated on; tiny models run on one thread."""
 
 from pathlib import Path
 
@@ -14,12 +14,8 @@ from lmforge.models.checkpoint import save_model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on one thread (tests/infer/conftest.py says why: two spin on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

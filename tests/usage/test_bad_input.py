@@ -90,7 +90,7 @@ def test_generate_on_a_run_folder_says_what_is_wrong_with_the_model_path(model_d
     (tmp_path / "notes").mkdir()
     one_error_line(*run_cli(["generate", tmp_path / "notes", *PROMPT, "--tokenizer", tmp_path / "nope.model"],
                             capsys)[::2], f"{tmp_path / 'notes'} is not a model folder: it has no config.json")
-    one_error_line(*run_cli(["generate", tmp_path / "missing"], capsys)[::2], "does not exist")
+    one_error_line(*run_cli(["generate", tmp_path / "missing", *PROMPT], capsys)[::2], "does not exist")
 
 
 @pytest.mark.parametrize("case", ["manifest", "config", "index", "progress", "yaml"])

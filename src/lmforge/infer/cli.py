@@ -134,9 +134,7 @@ def generate_cli(
             Every rank computes the same tokens; rank 0 writes them.
     """
     from lmforge.io import atomic_file
-    from lmforge.models.checkpoint import check_model_folder
 
-    check_model_folder(model)  # the first argument's problems first, before the prompts'
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     items = _read_prompts(prompts, prompt_file)
