@@ -52,6 +52,19 @@ def test_cuda_without_cuda_is_one_line(verb, model_dir, token_dir, capsys, monke
     one_error_line(*run_cli([*args, "--device", "cuda"], capsys)[::2], "device 'cuda' asked for", "--device cpu")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_is_used_where_there_is_one_and_a_missing_index_is_one_line(model_dir, token_dir, capsys):
+    """Defect 2, on the device machine: --device cuda runs; cuda:N past the last device is refused up front."""
+    code, out, err = run_cli(["generate", model_dir, *PROMPT, "--device", "cuda"], capsys)
+    assert code == 0 and out.strip(), err
+    code, out, err = run_cli(["eval", model_dir, token_dir, "--device", "cuda:0", "--max_batches", "2"], capsys)
+    assert code == 0 and "perplexity" in out, err
+    missing = f"cuda:{torch.cuda.device_count()}"
+    one_error_line(*run_cli(["generate", model_dir, *PROMPT, "--device", missing], capsys)[::2],
+                   f"device '{missing}' asked for", "CUDA device(s)")
+
+
 def test_resolve_device():
     """Defect 2: the one function that turns --device into a torch.device, or a one-line DeviceError."""
     assert resolve_device("cpu") == torch.device("cpu")
