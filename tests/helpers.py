@@ -2,6 +2,7 @@
 
 import functools
 
+import pytest
 import torch
 
 
@@ -17,6 +18,19 @@ def unit_scale_(model: torch.nn.Module, norms: bool = True) -> torch.nn.Module:
         else:
             p.normal_(0, p.shape[-1] ** -0.5)
     return model
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run a test on one torch thread (import it into a conftest.py to apply it to a folder).
+
+    NOTE: batch-1 decoding of a tiny model is a chain of (3, 64) x (64, 176) products; on a busy 2-core
+    machine two OpenMP threads spin on each other and run such tests 5-10x slower than one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 CORPUS = """The quick brown fox jumps over the lazy dog. A rolling buffer keeps the last W keys and values.

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from helpers import tiny_tokenizer_path
+from helpers import one_torch_thread, tiny_tokenizer_path  # noqa: F401  (one_torch_thread: autouse)
 from lmforge import ModelConfig, Transformer, save_model
 
 README = Path(__file__).parents[1] / "README.md"
 
 
-def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch, capsys, one_thread):
+def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 3  # the model, the tokenizer and the engine
     monkeypatch.chdir(tmp_path)

@@ -7,15 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CORPUS, tiny_tokenizer_path
+from helpers import CORPUS, one_torch_thread, tiny_tokenizer_path  # noqa: F401  (one_torch_thread: autouse)
 from lmforge import ModelConfig, Transformer
 from lmforge.data import write_token_documents
 from lmforge.models.checkpoint import save_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
 
 
 @pytest.fixture(scope="session")
