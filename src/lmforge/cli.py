@@ -19,6 +19,7 @@ def _verbs() -> dict:
     from lmforge.train.pretrain import pretrain
     from lmforge.data.prepare import prepare_data
     from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.serve.server import serve
 
     return {
         "convert": convert,
@@ -26,6 +27,7 @@ def _verbs() -> dict:
         "chat": chat,
         "pretrain": pretrain,
         "eval": evaluate,
+        "serve": serve,
         "tokenizer": {"train": train_tokenizer},
         "data": {"prepare": prepare_data},
     }
