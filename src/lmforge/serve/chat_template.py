@@ -11,6 +11,8 @@ Encoding a rendered template: the text is split at the special-token strings the
 "</s>", ...), each of which becomes its id, and every piece between them is encoded by SentencePiece on its
 own (with its own dummy prefix), which is what a Llama tokenizer with `legacy: true` does. Worked example,
 "<s>[INST] hi [/INST]" -> [bos] + encode("[INST] hi [/INST]"), the ids `encode_chat` gives.
+NOTE: as in transformers, a special-token string typed by a user ("<s>") is then that token: rendered text
+cannot tell the template's "<s>" from the user's. Our own format works on ids and never does this.
 
 Messages first go through `normalize_messages`: text content parts are joined with "\\n", any other part is
 refused naming it (`messages[i].content[j]`), and "developer" becomes "system".
