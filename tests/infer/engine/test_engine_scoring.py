@@ -1,5 +1,7 @@
 """`LLMEngine.score()`: every position equals log_softmax of the model's own logits, top-k equals torch.topk."""
 
+import copy
+
 import pytest
 import torch
 
@@ -72,3 +74,25 @@ def test_score_batches_worked_example_and_budget():
 def test_score_refuses_bad_input_with_one_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _engine(tiny_model("tiny")).score(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_score_on_cuda_equals_the_cpu_model_in_float32_and_reports_the_bf16_gap():
+    cpu = tiny_model("tiny")
+    seqs = [random_seq(n, n) for n in (5, 64, 200, 31)]
+    reference = [full_logits(cpu, s).log_softmax(-1)[:-1] for s in seqs]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, None)):
+        model = copy.deepcopy(cpu).to("cuda", dtype)  # NOTE: never move the cached model itself
+        scored = LLMEngine(model, block_size=16, num_blocks=64).score(seqs, top_k=4)
+        gap = 0.0
+        for seq, s, logp in zip(seqs, scored, reference):
+            expected = logp.gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+            gap = max(gap, (s.logprobs - expected).abs().max().item())
+            if tol is not None:
+                assert torch.equal(s.top_ids, logp.topk(4, dim=-1).indices)
+        print(f"score on cuda, {dtype}: max |log-prob - cpu float32| = {gap:.3g}")
+        if tol is not None:
+            assert gap <= tol
+        else:
+            assert gap < 0.5  # bf16 weights: a reported gap, loosely bounded
