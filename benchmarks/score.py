@@ -26,7 +26,9 @@ import time
 
 import torch
 
-from lmforge import ModelConfig, Transformer
+from serving import build_model  # benchmarks/ is on the path when this script runs
+
+from lmforge import ModelConfig
 from lmforge.infer.engine import LLMEngine
 from lmforge.infer.engine.scoring import score_rows
 from lmforge.infer.sampling import SamplingParams
@@ -61,8 +63,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     args = ap.parse_args(argv)
     device, cuda = args.device, args.device.startswith("cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    if args.threads or args.quick:  # NOTE: tiny matrices gain nothing from threads on a busy machine
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return run(args, device, cuda)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, device: str, cuda: bool) -> dict:
     if args.quick:
         config, N, L = ModelConfig.from_name("tiny"), 4, 64
     elif cuda:
@@ -72,18 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
                              max_seq_len=1024)
         N, L = 16, 512
     N, L = args.sequences or N, args.max_len or L
-    dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = Transformer(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device=device)
-    model.init_weights()
-    model.eval()
+    model = build_model(config, device, torch.bfloat16 if cuda else torch.float32)
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(L // 4, L + 1, (N,), generator=g).tolist()
     seqs = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.score(seqs, top_k=args.top_k) if args.top_k else engine.score(seqs)
 
     extra_rows = tokens - 2 * N  # score projects T - N rows, the pre-fill N
-    hidden = torch.randn(extra_rows, config.dim, device=device, dtype=dtype)
+    hidden = torch.randn(extra_rows, config.dim, device=device, dtype=next(model.parameters()).dtype)
     targets = torch.randint(0, config.vocab_size, (extra_rows,), device=device)
 
     def projection():
