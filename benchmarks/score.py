@@ -92,6 +92,7 @@ def run(args, device: str, cuda: bool) -> dict:
                        max_num_seqs=N)
 
     def prefill():
+        engine.block_manager.reset_prefix_cache()  # NOTE: else repeats find every prompt's blocks cached
         engine.generate(seqs, SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
 
     def score():
