@@ -211,7 +211,10 @@ def build_app(load: Callable[[], Served] | Served, *, api_key: str | None = None
         if body.echo and body.logprobs is not None:  # the prompt's own log-probs, one pass over each prompt
             scorable = [ids for ids in prompts if len(ids) > 1]
             k = body.logprobs
-            scores = iter(await state.driver.run(lambda e: e.score(scorable, top_k=k) if k else e.score(scorable)))
+            try:
+                scores = iter(await state.driver.run(lambda e: e.score(scorable, top_k=k) if k else e.score(scorable)))
+            except ValueError as e:  # checked above already; the engine's word, should it differ
+                raise APIError(400, str(e), param="prompt") from None
             scores = [next(scores) if len(ids) > 1 else None for ids in prompts]
         gen = await _start(state, request, specs)
         reply = _CompletionReply(state, body, request, prompts, scores, budgets)
