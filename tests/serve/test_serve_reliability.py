@@ -246,3 +246,29 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(tmp_path, tokenizer_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_forward_pass_never_blocks_the_event_loop(tokenizer_path):
+    import threading
+
+    model = tiny_model(6)
+    threads = set()
+
+    def slow(*args):  # every forward pass takes 0.3 s, and records the thread it runs on
+        threads.add(threading.current_thread().name)
+        time.sleep(0.3)
+
+    model.register_forward_pre_hook(slow)
+    with live_server(tiny_served(tokenizer_path, model)) as url:
+        body = {"model": MODEL, "prompt": "the", "max_tokens": 6, "ignore_eos": True}
+        worker = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=30))
+        worker.start()
+        time.sleep(0.1)
+        waits = []
+        while worker.is_alive():
+            t = time.monotonic()
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            waits.append(time.monotonic() - t)
+        worker.join()
+    assert threads == {"lmforge-engine"}
+    assert len(waits) >= 5 and max(waits) < 0.25  # a step takes 0.3 s; /health never waited for one
