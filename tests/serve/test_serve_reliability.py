@@ -272,3 +272,27 @@ def test_a_forward_pass_never_blocks_the_event_loop(tokenizer_path):
         worker.join()
     assert threads == {"lmforge-engine"}
     assert len(waits) >= 5 and max(waits) < 0.25  # a step takes 0.3 s; /health never waited for one
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_and_the_server_carries_on(tokenizer_path):
+    served = tiny_served(tokenizer_path, tiny_model(7))
+    engine, step, calls = served.engine, served.engine.step, []
+
+    def failing_step():  # the 5th step raises, as a device error would
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated device error")
+        return step()
+
+    engine.step = failing_step
+    with live_server(served) as url:
+        body = {"model": MODEL, "prompt": "the", "max_tokens": 20, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "simulated device error" in error["message"]
+        assert all("choices" in json.loads(e) for e in events[:-2])  # tokens, then the error: no cut stream
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": False})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
