@@ -254,13 +254,13 @@ def test_a_forward_pass_never_blocks_the_event_loop(tokenizer_path):
     model = tiny_model(6)
     threads = set()
 
-    def slow(*args):  # every forward pass takes 0.3 s, and records the thread it runs on
+    def slow(*args):  # every forward pass takes 1 s, and records the thread it runs on
         threads.add(threading.current_thread().name)
-        time.sleep(0.3)
+        time.sleep(1.0)
 
     model.register_forward_pre_hook(slow)
     with live_server(tiny_served(tokenizer_path, model)) as url:
-        body = {"model": MODEL, "prompt": "the", "max_tokens": 6, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": "the", "max_tokens": 2, "ignore_eos": True}
         worker = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=30))
         worker.start()
         time.sleep(0.1)
@@ -271,7 +271,8 @@ def test_a_forward_pass_never_blocks_the_event_loop(tokenizer_path):
             waits.append(time.monotonic() - t)
         worker.join()
     assert threads == {"lmforge-engine"}
-    assert len(waits) >= 5 and max(waits) < 0.25  # a step takes 0.3 s; /health never waited for one
+    # a step takes 1 s: /health never waited for one (the margin is for a loaded 2-core machine)
+    assert len(waits) >= 5 and max(waits) < 0.7 and statistics.median(waits) < 0.2
 
 
 def test_an_engine_failure_mid_stream_is_an_error_event_and_the_server_carries_on(tokenizer_path):
