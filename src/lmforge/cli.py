@@ -26,6 +26,7 @@ VERBS: dict = {
     "chat": "lmforge.infer.cli:chat",
     "pretrain": "lmforge.train.pretrain:pretrain",
     "sft": "lmforge.align.sft:sft",
+    "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
              "loss": "lmforge.train.evaluate:evaluate",
