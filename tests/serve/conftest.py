@@ -24,7 +24,7 @@ def tokenizer_path(tmp_path_factory) -> str:
 
     folder = tmp_path_factory.mktemp("serve-tok")
     (folder / "corpus.txt").write_text("\n\n".join(synthetic_documents(300)), encoding="utf-8")
-    return train_tokenizer([str(folder / "corpus.txt")], out_dir=str(folder), vocab_size=512, num_threads=1)
+    return train_tokenizer([str(folder / "corpus.txt")], out_dir=str(folder / "tok"), vocab_size=512, num_threads=1)
 
 
 @pytest.fixture(scope="session")
