@@ -2,7 +2,7 @@
 
 import torch
 
-from lmforge.infer.engine import LLMEngine
+from lmforge.infer.engine import LLMEngine, RequestRefused
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -34,3 +34,29 @@ def forced_logits(engine: LLMEngine, seqs, prompt_lens, before_step=None) -> lis
         step += 1
     assert engine.block_manager.num_used_blocks == 0, "blocks left behind by finished requests"
     return [torch.stack(got[i]) for i in ids]
+
+
+def random_traffic(engine: LLMEngine, ops) -> list[str]:
+    """Play ops (op, k) on the engine: "add" a request of k prompt tokens, "fork" one of k % 3 + 2 samples
+    (`add_samples`), "step" (then check the block manager), "abort" request k of those added; then step to the
+    end and check the block manager once more. Returns the ids of every request accepted."""
+    ids: list[str] = []
+    for op, k in ops:
+        params = SamplingParams(max_new_tokens=k % 7 + 1)
+        if op in ("add", "fork"):
+            try:
+                if op == "add":
+                    ids.append(engine.add_request(random_seq(k, k), params))
+                else:
+                    ids += engine.add_samples(random_seq(k, k), params, n=k % 3 + 2)
+            except RequestRefused:
+                pass
+        elif op == "step":
+            engine.step()
+            engine.block_manager.check_invariants(engine.scheduler.running)
+        elif ids:
+            engine.abort(ids[k % len(ids)])
+    while engine.has_unfinished():
+        engine.step()
+    engine.block_manager.check_invariants([])
+    return ids

@@ -2,6 +2,7 @@
 
     engine = LLMEngine(model, num_blocks=..., block_size=16)
     rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64))   # or RequestRefused
+    rids = engine.add_samples(prompt_ids, SamplingParams(seed=7), n=4)        # 4 samples, one pre-fill
     while engine.has_unfinished():
         for out in engine.step(): ...                                         # RequestOutput per request
     async for out in engine.stream(prompt_ids, params): ...                   # or one async stream each
@@ -11,11 +12,21 @@ One `step()`: schedule (which sequences compute how many tokens), run the model 
 sample one token for every sequence whose chunk reached its end, then book-keep (advance computed tokens,
 append tokens, finish, free blocks). The engine works on token ids; detokenization and stop strings belong to
 the server above it.
+
+K samples of one prompt (`add_samples(prompt_ids, sampling, n=K)`, or `generate(prompts, sampling, n=K)`):
+rejection sampling, PPO / GRPO rollouts and the server's `n` ask for several completions of each prompt. The
+prompt is pre-filled once, by a prompt sequence that then forks into K requests sharing its KV blocks (the
+last, partly filled one is copied when a fork first writes into it: sequence.py, block_manager.py). Each of
+the K is an ordinary request from then on (its own id `{request_id}.{i}`, abort, preemption, outputs).
+Seeds: choice i of a request with `seed` s samples with seed (s + i) mod 2**63 (vLLM's rule), so the K
+outputs are exactly those of K separate requests with seeds s, s + 1, ..., s + K - 1 -- computed with one
+pre-fill instead of K (`counters.computed_tokens` shows it). Without a seed the K draw independently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -134,6 +145,38 @@ class LLMEngine:
     ) -> str:
         """Queue a request; returns its id. ValueError for a bad request, `RequestRefused` when over capacity."""
         sampling = sampling or SamplingParams()
+        ids = self._check_request(prompt_ids, sampling, [request_id])
+        seq = Sequence(ids, sampling, request_id or "", arrival_time=time.monotonic())
+        self._queue(seq)
+        self.seqs[seq.request_id] = seq
+        return seq.request_id
+
+    def add_samples(
+        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, n: int = 1, request_id: str | None = None
+    ) -> list[str]:
+        """Queue n requests for one prompt, pre-filled once (module docstring); returns their ids
+        `{request_id}.0` .. `{request_id}.{n - 1}` (request_id default: a fresh `req-N`). Choice i of a seeded
+        request uses seed + i. Errors as `add_request`, and ValueError when n > max_num_seqs."""
+        sampling = sampling or SamplingParams()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n = {n} samples run together, more than this engine's max_num_seqs "
+                             f"({self.scheduler.config.max_num_seqs})")
+        now = time.monotonic()
+        prompt = Sequence(list(prompt_ids), sampling, request_id or "", arrival_time=now)
+        names = [f"{prompt.request_id}.{i}" for i in range(n)]
+        ids = self._check_request(prompt_ids, sampling, names)
+        for i, name in enumerate(names):
+            seed = None if sampling.seed is None else (sampling.seed + i) % 2**63
+            fork = Sequence(ids, dataclasses.replace(sampling, seed=seed), name, arrival_time=now, parent=prompt)
+            prompt.forks.append(fork)
+        self._queue(prompt)
+        self.seqs.update((s.request_id, s) for s in prompt.forks)
+        return names
+
+    def _check_request(self, prompt_ids: Seq[int], sampling: SamplingParams, request_ids: list[str | None]) -> list[int]:
+        """The prompt as a list, or ValueError naming what is wrong with the request."""
         ids = list(prompt_ids)
         V = self.config.vocab_size
         if not ids:
@@ -147,17 +190,18 @@ class LLMEngine:
             )
         if sampling.stop:
             raise ValueError("stop strings need detokenization, which the server does: use stop_token_ids here")
-        if request_id is not None and request_id in self.seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, sampling, request_id or "", arrival_time=time.monotonic())
+        used = [i for i in request_ids if i is not None and i in self.seqs]
+        if used:
+            raise ValueError(f"request id {used[0]!r} is already in use")
+        return ids
+
+    def _queue(self, seq: Sequence) -> None:
         try:
             self.scheduler.add(seq)
         except RequestRefused as refusal:
             key = refusal.reason.value
             self._counters.refused[key] = self._counters.refused.get(key, 0) + 1
             raise
-        self.seqs[seq.request_id] = seq
-        return seq.request_id
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now, waiting or running; its blocks are freed at once. False if unknown / done."""
@@ -199,8 +243,8 @@ class LLMEngine:
         if not out.chunks:
             return out, [], None
         with record_function("engine.forward"):
-            logits = self.runner.forward(out.chunks)
-        return out, [c.seq for c in out.chunks if c.samples], logits
+            logits = self.runner.forward(out.chunks, out.copies)
+        return out, [s for c in out.chunks for s in c.sampling_seqs], logits
 
     def _advance(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int], logprobs=None, top=None):
         """Book-keep a computed step with the chosen `tokens` (K,) of the sampling sequences.
@@ -241,11 +285,15 @@ class LLMEngine:
         return outputs
 
     def generate(
-        self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None
+        self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None, n: int = 1
     ) -> list[list[int]]:
-        """Run prompts to completion; the output token ids of each, in prompt order."""
+        """Run prompts to completion; the output token ids of each, in prompt order. With n > 1, n samples of
+        each prompt (`add_samples`), prompt by prompt: entry b * n + i is choice i of prompt b."""
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        if n == 1:
+            ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        else:
+            ids = [i for p, s in zip(prompts, params) for i in self.add_samples(p, s, n)]
         results: dict[str, list[int]] = {i: [] for i in ids}
         while any(i in self.seqs for i in ids):
             for out in self.step():

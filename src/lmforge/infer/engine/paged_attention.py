@@ -72,6 +72,16 @@ class PagedKVPool:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-write of a shared block, block_manager.py)."""
+        if not copies:
+            return
+        bs = self.block_size
+        blocks = torch.tensor(copies).T  # (2, C): source blocks, destination blocks
+        slots = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1).to(self.k[0].device)  # (2, C * bs)
+        for buf in (*self.k, *self.v):
+            buf.index_copy_(0, slots[1], buf.index_select(0, slots[0]))
+
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize

@@ -71,8 +71,17 @@ class ModelRunner:
             self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path, decode_attention)
 
     @torch.no_grad()
-    def forward(self, chunks: list[ScheduledChunk]) -> Tensor:
-        """Compute every chunk's new tokens into the pool; logits (K, V) float32 of the sampling chunks, in order."""
+    def forward(self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]] = ()) -> Tensor:
+        """Copy the blocks owed (copy-on-write), then compute every chunk's new tokens into the pool; logits
+        (K, V) float32, one row per sampling sequence (`ScheduledChunk.sampling_seqs`), in order."""
+        self.pool.copy_blocks(list(copies))
+        logits = self._forward(chunks)  # (sampling chunks, V)
+        rows = [k for k, c in enumerate(c for c in chunks if c.samples) for _ in c.sampling_seqs]
+        if len(rows) == logits.shape[0]:
+            return logits
+        return logits[torch.tensor(rows, device=logits.device)]  # a shared prompt's row, once for each fork
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> Tensor:
         if self.decode is not None and all(c.num_tokens == 1 and c.samples for c in chunks):
             logits = self.decode([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                                  [c.seq.block_table for c in chunks])

@@ -13,6 +13,16 @@ The scheduler reasons only in "tokens still to compute", n - c:
 A step that brings c up to n ends with the logits of the last token, and one new token is sampled; a chunk
 that stops short of n samples nothing. Prefill and decode are therefore the same operation, and a request
 resumed after preemption simply has more tokens to compute.
+
+Shared prompts (`LLMEngine.add_samples`: K samples of one prompt). One extra sequence, the prompt sequence,
+pre-fills the prompt on behalf of the K requests; it is no request itself and samples nothing. Until its
+last chunk the K requests wait in its `forks` (each with `parent` set, holding no blocks, in no queue). The
+chunk that reaches the prompt's end gives one logits row to each fork, which samples its own first token;
+then the forks take over the prompt's blocks (block_manager.py: `fork`, copy-on-write) and the prompt
+sequence ends:
+
+    prompt sequence P = 7, c = 0 .. 7, forks [r0, r1, r2]    -> pre-fill once (in chunks)
+    its last chunk: 3 logits rows, one token each             r0, r1, r2: n = 8, c = 7, sharing its blocks
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full, computed blocks
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # per-request sampling generator (seeded requests only)
+    forks: list["Sequence"] = field(default_factory=list)  # a prompt sequence: the requests it pre-fills for
+    parent: "Sequence | None" = None  # a request waiting for its prompt sequence's pre-fill
     seq_no: int = field(default_factory=lambda: next(_ids))  # arrival order, for stable sorting
 
     def __post_init__(self) -> None:
@@ -78,6 +90,11 @@ class Sequence:
     def num_to_compute(self) -> int:
         """Tokens whose keys / values are not in the cache yet (the scheduler's unit of work)."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_slots(self) -> int:
+        """Running sequences this one stands for: a prompt sequence becomes its forks."""
+        return len(self.forks) or 1
 
     @property
     def is_finished(self) -> bool:
