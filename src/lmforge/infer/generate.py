@@ -17,7 +17,6 @@ sliding-window model has no context limit here: the rolling buffer serves any le
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
@@ -28,6 +27,7 @@ from lmforge.infer.cache import cache_config, make_cache
 from lmforge.infer.decode_step import DecodeMode, DecodeStep
 from lmforge.infer.detokenize import TextStream
 from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
+from lmforge.infer.transfer import to_host_later
 from lmforge.models.transformer import Transformer
 
 
@@ -219,22 +219,6 @@ def generate_stream(
         logits = next_logits
 
 
-def to_host_later(tensors: list[Tensor | None]) -> Callable[[], list[list | None]]:
-    """Start copying device tensors to the host without waiting; the returned function waits for the copies
-    (not for work queued after them) and gives their `.tolist()` (None stays None)."""
-    if tensors[0] is None or not tensors[0].is_cuda:
-        return lambda: [t.tolist() if t is not None else None for t in tensors]
-    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]  # pinned destinations
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[list | None]:
-        copied.synchronize()
-        return [h.tolist() if h is not None else None for h in host]
-
-    return wait
-
-
 def generate(
     model: Transformer,
     tokenizer,
@@ -262,4 +246,4 @@ def generate(
     return results
 
 
-__all__ = ["GenerationError", "GenerationResult", "TokenEvent", "generate", "generate_stream", "prefill"]
+__all__ = ["GenerationError", "GenerationResult", "TokenEvent", "generate", "generate_stream", "prefill", "to_host_later"]

@@ -37,6 +37,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from lmforge.infer.transfer import to_device
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -135,6 +137,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def token_index(token_lists: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
+    """(rows, ids) (N,) of every token of every row, copied to `device` at once (without waiting for the GPU)."""
+    rows = [b for b, ids in enumerate(token_lists) for _ in ids]
+    both = to_device(torch.tensor([rows, [t for ids in token_lists for t in ids]], dtype=torch.long), device)
+    return both[0], both[1]
+
+
 class SamplingBatch:
     """Per-row sampling parameters as (B,) tensors, plus the token counts the penalties need.
 
@@ -151,10 +160,10 @@ class SamplingBatch:
         B = len(params)
         # one host-to-device copy for all the float columns: (6, B)
         names = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
-        floats = _to_device(torch.tensor([[getattr(p, n) for p in params] for n in names], dtype=torch.float32), device)
+        floats = to_device(torch.tensor([[getattr(p, n) for p in params] for n in names], dtype=torch.float32), device)
         self.temperature, self.top_p, self.min_p = floats[0], floats[1], floats[2]
         self.repetition_penalty, self.frequency_penalty, self.presence_penalty = floats[3], floats[4], floats[5]
-        self.top_k = _to_device(torch.tensor([p.top_k for p in params], dtype=torch.long), device)
+        self.top_k = to_device(torch.tensor([p.top_k for p in params], dtype=torch.long), device)
         # Host-side switches (from the parameters, never from tensor values).
         self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)
@@ -173,8 +182,8 @@ class SamplingBatch:
         self.prompt_mask = None
         if self.use_repetition:
             self.prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)  # (B, V)
-            for b, prompt in enumerate(prompts):
-                self.prompt_mask[b, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+            rows, ids = token_index([list(p) for p in prompts], device)
+            self.prompt_mask[rows, ids] = True
         self.output_counts = None
         if self.use_repetition or self.use_counts:
             self.output_counts = torch.zeros(B, vocab_size, dtype=torch.long, device=device)  # (B, V)
@@ -183,18 +192,6 @@ class SamplingBatch:
         """Count this step's sampled tokens (B,) for the penalties."""
         if self.output_counts is not None:
             self.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
-
-
-def _to_device(t: Tensor, device) -> Tensor:
-    """Copy a small host tensor to `device` without waiting for the GPU.
-
-    NOTE: a copy from pageable host memory first waits for everything queued on the stream (CUDA's rule for
-    pageable copies); from pinned memory it is queued like a kernel. The serving engine builds a batch while
-    the model's forward pass still runs: with pageable copies the host would idle until the forward ends.
-    """
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_penalties(
@@ -312,5 +309,5 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
 
 __all__ = [
     "SampleOutput", "SamplingBatch", "SamplingParams", "SamplingParamsError", "apply_penalties",
-    "exponential_noise", "min_p_filter", "sample", "top_k_top_p_filter",
+    "exponential_noise", "min_p_filter", "sample", "token_index", "top_k_top_p_filter",
 ]

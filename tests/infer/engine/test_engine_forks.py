@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_helpers import random_seq, random_traffic
+from engine_helpers import forced_fork_logits, random_seq, random_traffic
 from infer_helpers import assert_logits_close, full_logits, tiny_model
 from lmforge.infer.engine import LLMEngine, RequestRefused
 from lmforge.infer.engine.block_manager import BlockManager
@@ -32,29 +32,6 @@ def _run(engine, ids):
             logprobs += out.new_logprobs or []
             got[out.request_id] = (tokens, logprobs, out.finish_reason)
     return [got[i] for i in ids]
-
-
-def forced_fork_logits(engine, prompt, continuations, max_steps=1000):
-    """add_samples(prompt, n=K), then force continuations[i] as choice i's output: per choice, the logits it
-    would sample from at each of its positions (len(continuations[i]), V). Checks the invariants every step."""
-    ids = engine.add_samples(prompt, SamplingParams(temperature=0, max_new_tokens=max(map(len, continuations)),
-                                                    ignore_eos=True), n=len(continuations))
-    target = {i: prompt + list(c) for i, c in zip(ids, continuations)}
-    got = {i: [] for i in ids}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        out, sampled, logits = engine._forward()
-        for k, s in enumerate(sampled):
-            got[s.request_id].append(logits[k])
-        engine._advance(out, sampled, [target[s.request_id][s.num_tokens] for s in sampled])
-        engine.block_manager.check_invariants(engine.scheduler.running)
-        for i in ids:  # a choice whose continuation is shorter stops there
-            seq = engine.seqs.get(i)
-            if seq is not None and seq.num_tokens == len(target[i]):
-                engine.abort(i)
-    assert engine.block_manager.num_used_blocks == 0, "blocks left behind"
-    return [torch.stack(got[i][: len(c)]) for i, c in zip(ids, continuations)]
 
 
 def _forked(num_blocks: int, prompt_len: int, k: int) -> tuple[BlockManager, list[Sequence]]:

@@ -53,6 +53,7 @@ from lmforge.infer.engine.paged_attention import (
     PagedKVPool,
     gathered_decode_attention,
 )
+from lmforge.infer.transfer import copy_to_device
 from lmforge.models.transformer import Transformer
 
 DecodePathMode = Literal["eager", "cuda_graph"]
@@ -108,8 +109,10 @@ class DecodeGraphs:
             self.kernel = torch.compile(gathered_decode_attention, dynamic=True) if compiled else gathered_decode_attention
 
     @torch.no_grad()
-    def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> Tensor | None:
-        """One new token per row: tokens[b] at positions[b] of the sequence with block table tables[b]."""
+    def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+                 fed: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+        """One new token per row: tokens[b] at positions[b] of the sequence with block table tables[b];
+        fed = (rows, ids) on the device: tokens of those rows that only the device knows (runner.py)."""
         B, W = len(tokens), self.window
         lo = [max(0, p - W + 1) if W is not None else 0 for p in positions]  # first key a row reads
         Bb, Kb = batch_bucket(B), key_bucket(max(p + 1 - a for p, a in zip(positions, lo)))
@@ -119,6 +122,8 @@ class DecodeGraphs:
         if shape is None:
             shape = self.shapes[(Bb, Kb)] = _Shape(Bb, Kb, self.pool.block_size, self.device)
         self._fill(shape, tokens, positions, tables, lo)
+        if fed is not None:
+            shape.tokens[0].index_copy_(0, *fed)
         self.steps += 1
         if self.mode == "eager":
             return self._step(shape)[0, :B].float()
@@ -146,10 +151,10 @@ class DecodeGraphs:
             rel[b, : len(needed)] = needed
         assert (rel >= 0).all(), "a key lies in a freed block"
         host = np.zeros((3, Bb), dtype=np.int64)  # tokens, positions, lo; padding rows: token 0 at position 0
-        host[:, :B] = tokens, positions, lo
-        for buffer, value in ((shape.tables, rel), (shape.tokens[0], host[0]), (shape.positions, host[1]),
-                              (shape.lo, host[2])):
-            buffer.copy_(torch.from_numpy(value), non_blocking=True)
+        host[:, :B] = np.maximum(tokens, 0), positions, lo  # (a token known only on the device is fed after)
+        host_t, rel_t = torch.from_numpy(host), torch.from_numpy(rel)
+        copy_to_device([(shape.tables, rel_t), (shape.tokens[0], host_t[0]), (shape.positions, host_t[1]),
+                        (shape.lo, host_t[2])])
 
     def _step(self, shape: _Shape) -> Tensor:
         """The static-shape forward: (1, Bb, V) logits; tensor ops only (capturable)."""

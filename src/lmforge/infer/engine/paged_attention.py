@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.infer.engine.varlen import VarlenArgs, varlen_attention
+from lmforge.infer.transfer import to_device
 from lmforge.models.attention import allowed_mask, reference_attention, sdpa_attention
 from lmforge.models.config import ModelConfig
 
@@ -78,7 +79,7 @@ class PagedKVPool:
             return
         bs = self.block_size
         blocks = torch.tensor(copies).T  # (2, C): source blocks, destination blocks
-        slots = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1).to(self.k[0].device)  # (2, C * bs)
+        slots = to_device((blocks[:, :, None] * bs + torch.arange(bs)).flatten(1), self.k[0].device)  # (2, C * bs)
         for buf in (*self.k, *self.v):
             buf.index_copy_(0, slots[1], buf.index_select(0, slots[0]))
 
@@ -149,10 +150,10 @@ def build_metadata(
         first = members[0]
         self_causal = len(members) == 1 and starts[first] == 0 and (window is None or lengths[first] <= window)
         src, dst = q_valid.flatten().nonzero().squeeze(1), q_index[q_valid]
-        tensors = (t.to(device) for t in (q_index, q_pos, key_slots, key_pos))
-        groups.append(AttentionGroup(*tensors, self_causal, src.to(device), dst.to(device)))
+        tensors = (to_device(t, device) for t in (q_index, q_pos, key_slots, key_pos))
+        groups.append(AttentionGroup(*tensors, self_causal, to_device(src, device), to_device(dst, device)))
     assert bool((slot_mapping >= 0).all()), "a new token has no block"
-    return PackedMetadata(positions.to(device), slot_mapping.to(device), groups)
+    return PackedMetadata(to_device(positions, device), to_device(slot_mapping, device), groups)
 
 
 def _slots(table: Tensor, pos: Tensor, bs: int) -> Tensor:

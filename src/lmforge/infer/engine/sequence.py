@@ -50,6 +50,10 @@ class FinishReason(str, enum.Enum):
 
 _ids = itertools.count()
 
+# An output token sampled by a step whose ids the host has not read yet (LLMEngine with overlap): the step
+# after it takes the id straight from the device (runner.py, `TokenFeed`).
+PENDING = -1
+
 
 @dataclass
 class Sequence:
@@ -105,4 +109,4 @@ class Sequence:
         return self.prompt_ids[pos] if pos < P else self.output_ids[pos - P]
 
 
-__all__ = ["FinishReason", "Sequence", "SequenceStatus"]
+__all__ = ["PENDING", "FinishReason", "Sequence", "SequenceStatus"]

@@ -1,0 +1,56 @@
+"""On CUDA, the engine's speed paths against their references: n-way forks through CUDA-graph decode steps,
+overlap on real CUDA streams (the same outputs as one step at a time). Run on the device machine
+(`pytest -m gpu tests/infer`); skipped elsewhere."""
+
+import pytest
+import torch
+
+from engine_helpers import assert_same_outputs, forced_fork_logits, forced_logits, mixed_workload, random_seq, serve
+from infer_helpers import tiny_model
+from lmforge.infer.engine import LLMEngine
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+KW = {"block_size": 4, "num_blocks": 256, "max_num_batched_tokens": 16, "max_num_seqs": 8, "check_invariants": True}
+
+
+def _cuda(preset, dtype=torch.float32):
+    model = tiny_model(preset)
+    cuda = type(model)(model.config).cuda().eval()
+    cuda.load_state_dict(model.state_dict())
+    return cuda.to(dtype)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-swa"])
+def test_forks_on_cuda_graph_steps_equal_separate_requests(preset):
+    """Forked requests (copy-on-write on the GPU pool) decode through CUDA graphs: teacher-forced logits equal
+    the packed path's for separate requests of the same sequences."""
+    torch._dynamo.reset()
+    model = _cuda(preset)
+    prompt = random_seq(13, 3)
+    conts = [random_seq(n, 10 + n) for n in (20, 25, 18)]
+    engine = LLMEngine(model, decode_path="cuda_graph", decode_attention="fused", overlap=False, **KW)
+    ours = forced_fork_logits(engine, prompt, conts)
+    assert engine.runner.decode.steps > 10
+    theirs = forced_logits(LLMEngine(model, decode_path="packed", **KW), [prompt + c for c in conts], [13] * 3)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decode_path", ["cuda_graph", "packed"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-swa"])
+def test_overlap_on_cuda_streams_gives_the_same_outputs(preset, decode_path):
+    """The mixed workload of test_engine_overlap.py (greedy, seeded, penalties, forks, eos, stop ids, abort,
+    preemption) in float32: overlap on and off give the same tokens, finish reasons and log-probs."""
+    torch._dynamo.reset()
+    model = _cuda(preset)
+    reqs = mixed_workload()
+    probe = serve(LLMEngine(model, decode_path=decode_path, overlap=False, **KW), reqs)
+    eos = probe["r0"][0][3]
+    runs = {}
+    for overlap in (False, True):
+        engine = LLMEngine(model, decode_path=decode_path, overlap=overlap, eos_id=eos,
+                           **{**KW, "num_blocks": 24 if preset == "tiny" else 18}, watermark_blocks=0)
+        runs[overlap] = serve(engine, reqs, abort=("r8", 4))
+        assert engine.counters.preemptions > 0
+    assert_same_outputs(runs[True], runs[False])
