@@ -38,6 +38,14 @@ def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype 
     return net, tok
 
 
+def _fuse_on_cuda(net) -> None:
+    """One product for q, k, v and one for w1, w3 in every layer (lmforge.infer.fuse), where it pays: on CUDA."""
+    from lmforge.infer.fuse import fuse_projections
+
+    if next(net.parameters()).is_cuda:
+        fuse_projections(net)
+
+
 def _read_prompts(prompts: list[str] | str | None, prompt_file: Path | None) -> list[str | list[dict]]:
     """Prompts from --prompts and --prompt_file: a .jsonl file holds one JSON string, {"prompt": str} or
     {"messages": [...]} (a chat dialogue) per line; any other file one prompt per non-empty line."""
@@ -113,6 +121,7 @@ def generate_cli(
     net, tok = _load(model, tokenizer, device, dtype)
     if tensor_parallel > 1:
         _shard(net, tensor_parallel)
+    _fuse_on_cuda(net)
     if rank != 0:
         output, stream_text_allowed = Path(os.devnull), False
     else:
@@ -227,6 +236,7 @@ def chat(
     from lmforge.tokenizer.chat import encode_chat
 
     net, tok = _load(model, tokenizer, device, dtype)
+    _fuse_on_cuda(net)
     head = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
     interactive = sys.stdin.isatty()

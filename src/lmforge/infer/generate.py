@@ -246,4 +246,6 @@ def generate(
     return results
 
 
-__all__ = ["GenerationError", "GenerationResult", "TokenEvent", "generate", "generate_stream", "prefill", "to_host_later"]
+__all__ = [
+    "GenerationError", "GenerationResult", "TokenEvent", "generate", "generate_stream", "prefill", "to_host_later",
+]

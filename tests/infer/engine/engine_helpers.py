@@ -111,7 +111,10 @@ def serve(engine, reqs, abort=None):
         while pending and pending[0][0] <= t:
             _, prompt, params, n = pending.pop(0)
             name = f"r{len(ids_of)}"
-            ids_of[name] = engine.add_samples(prompt, params, n, name) if n > 1 else [engine.add_request(prompt, params, name)]
+            if n > 1:
+                ids_of[name] = engine.add_samples(prompt, params, n, name)
+            else:
+                ids_of[name] = [engine.add_request(prompt, params, name)]
             for rid in ids_of[name]:
                 got[rid] = ([], [], [], None)
         for out in engine.step():

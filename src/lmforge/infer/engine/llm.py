@@ -49,6 +49,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function
 
+from lmforge.infer import fuse
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.block_manager import BlockManager
 from lmforge.infer.engine.decode_graphs import DecodeAttention
@@ -129,6 +130,9 @@ class LLMEngine:
         overlap: queue each step before reading the previous step's sampled ids, so that the host's work
             (book-keeping, scheduling, preparing the inputs) runs while the GPU computes (module docstring);
             default: on CUDA.
+        fuse_projections: fuse each layer's wq, wk, wv and w1, w3 into one product each, in place
+            (lmforge.infer.fuse: names, state dict and `load_weights` unchanged, no second copy); default: on
+            CUDA (not under tensor parallelism).
     """
 
     def __init__(
@@ -148,9 +152,13 @@ class LLMEngine:
         decode_attention: DecodeAttention | None = None,
         check_invariants: bool = False,
         overlap: bool | None = None,
+        fuse_projections: bool | None = None,
     ):
         self.model, self.config, self.eos_id = model, model.config, eos_id
         param = next(model.parameters())
+        if (param.device.type == "cuda") if fuse_projections is None else fuse_projections:
+            if fuse.fuse_projections(model) and param.device.type == "cuda":
+                torch.cuda.empty_cache()  # the unfused weights' memory goes back before the pool is sized
         if num_blocks is None:
             per_block = PagedKVPool.bytes_per_block(cache_config(model), block_size, param.dtype)
             if param.device.type == "cuda":
@@ -208,7 +216,7 @@ class LLMEngine:
         self.seqs.update((s.request_id, s) for s in prompt.forks)
         return names
 
-    def _check_request(self, prompt_ids: Seq[int], sampling: SamplingParams, request_ids: list[str | None]) -> list[int]:
+    def _check_request(self, prompt_ids: Seq[int], sampling: SamplingParams, request_ids: list) -> list[int]:
         """The prompt as a list, or ValueError naming what is wrong with the request."""
         ids = list(prompt_ids)
         V = self.config.vocab_size

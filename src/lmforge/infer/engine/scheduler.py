@@ -134,8 +134,10 @@ class Scheduler:
                 budget -= n
                 i += 1
         slots = sum(s.num_slots for s in self.running)
-        while self.waiting and budget > 0 and not out.preempted and slots + self.waiting[0].num_slots <= cfg.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
+            if slots + seq.num_slots > cfg.max_num_seqs:
+                break
             hits = self.bm.match_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
             reserve = cfg.watermark_blocks if self.running else 0  # NOTE: alone, a request may use every block
