@@ -13,6 +13,10 @@ with one launch. What makes the step capturable:
 Sampling stays outside the graph (a few kernels over (B, V), and per-request generators); the one host sync
 per token is reading the sampled ids.
 
+Kept across calls (`kept_decode_step`): compiling and capturing cost seconds, so `generate()` keeps the last
+cache and step it built on the model and reuses them while the shapes stay (the batch size, and the cache
+slots rounded up to a multiple of `SLOT_QUANTUM`); only the cache's positions are reset between calls.
+
 Modes:
     "eager"       plain calls (CPU and CUDA; the reference the others are checked against)
     "compile"     torch.compile(fullgraph=True) with CUDA graphs (what mode="reduce-overhead" sets) and
@@ -28,10 +32,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lmforge.infer.cache import ContiguousCache, RollingCache
+from lmforge.infer.cache import ContiguousCache, RollingCache, cache_config, make_cache
 from lmforge.models.transformer import Transformer
 
 DecodeMode = Literal["eager", "compile", "cuda_graph", "compile+cuda_graph"]
+SLOT_QUANTUM = 256  # kept contiguous caches hold a multiple of this many slots per row
 
 
 def decode_forward(model: Transformer, cache: ContiguousCache | RollingCache, tokens: Tensor, positions: Tensor) -> Tensor:
@@ -103,4 +108,50 @@ class DecodeStep:
             self.logits = self.fn(self.tokens, self.positions)
 
 
-__all__ = ["DecodeMode", "DecodeStep", "decode_forward"]
+class _Kept:
+    """The cache and step `kept_decode_step` built last for one model, and their shape key. A copy of the
+    model starts without them (a cache, not state: CUDA graphs and compiled code do not copy)."""
+
+    def __init__(self):
+        self.key, self.cache, self.step = None, None, None
+
+    def __deepcopy__(self, memo) -> "_Kept":
+        return _Kept()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def kept_decode_step(
+    model: Transformer, batch_size: int, max_len: int, kind: str, mode: DecodeMode, dtype: torch.dtype
+) -> tuple[ContiguousCache | RollingCache, DecodeStep]:
+    """A reset cache for `batch_size` rows of up to `max_len` positions and a `DecodeStep` on it. In the
+    compiled and graph modes both are kept on the model and returned again while the key (mode, rows, cache
+    layout and slots, dtype) stays, so compiles and captures happen once; a new key replaces them (one kept
+    per model, so their memory is the last shape's). "eager" builds fresh ones, of exactly max_len slots.
+
+    NOTE: the kept step holds the model's parameters and the cache at fixed addresses (the graphs read them
+    there): keep the model where it is (no `.to()`), as for any captured step.
+    """
+    device, config = next(model.parameters()).device, cache_config(model)
+    if mode == "eager":
+        cache = make_cache(config, batch_size, max_len, kind=kind, device=device, dtype=dtype)
+        return cache, DecodeStep(model, cache, mode)
+    W = config.sliding_window
+    if kind == "auto":
+        kind = "rolling" if W is not None and max_len > W else "contiguous"
+    slots = W if kind == "rolling" else -(-max_len // SLOT_QUANTUM) * SLOT_QUANTUM
+    key = (mode, batch_size, kind, slots, dtype)
+    kept = model.__dict__.setdefault("_lmforge_kept_decode", _Kept())
+    if kept.key != key:
+        kept.key = kept.cache = kept.step = None  # the old cache and graphs go before the new ones are made
+        cache = make_cache(config, batch_size, slots, kind=kind, device=device, dtype=dtype)
+        kept.key, kept.cache, kept.step = key, cache, DecodeStep(model, cache, mode)
+    kept.cache.reset()
+    return kept.cache, kept.step
+
+
+__all__ = ["DecodeMode", "DecodeStep", "decode_forward", "kept_decode_step"]

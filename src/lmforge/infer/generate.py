@@ -23,8 +23,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
-from lmforge.infer.cache import cache_config, make_cache
-from lmforge.infer.decode_step import DecodeMode, DecodeStep
+from lmforge.infer.decode_step import DecodeMode, kept_decode_step
 from lmforge.infer.detokenize import TextStream
 from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
 from lmforge.infer.transfer import to_host_later
@@ -159,12 +158,11 @@ def generate_stream(
     max_len = max(L + p.max_new_tokens for L, p in zip(lengths, params))
     if config.sliding_window is None:
         max_len = min(max_len, config.max_seq_len)
-    cache = make_cache(cache_config(model), B, max_len, kind=cache_kind, device=device, dtype=dtype)
+    cache, step = kept_decode_step(model, B, max_len, cache_kind, decode_mode, dtype)  # compiled / captured once
     chunk = prefill_chunk or config.sliding_window or T
 
     tokens, positions = _left_pad(prompts, device)
     logits = prefill(model, cache, tokens, positions, chunk)
-    step = DecodeStep(model, cache, decode_mode)
     # NOTE: a model whose vocabulary is padded past the tokenizer's (to a multiple of 64, say) never samples
     # the padding ids, which the tokenizer could not decode: logits are cut to the tokenizer's vocabulary.
     n_vocab = min(config.vocab_size, getattr(tokenizer, "vocab_size", None) or config.vocab_size)
