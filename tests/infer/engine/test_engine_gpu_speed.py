@@ -1,6 +1,7 @@
 """On CUDA, the engine's speed paths against their references: n-way forks through CUDA-graph decode steps,
-overlap on real CUDA streams (the same outputs as one step at a time). Run on the device machine
-(`pytest -m gpu tests/infer`); skipped elsewhere."""
+overlap on real CUDA streams (the same outputs as one step at a time), fused projections, sampling inside the
+decode graphs and the Inductor-compiled decode step (float32 equal, bf16 gap printed). Run on the device
+machine (`pytest -m gpu tests/infer`); skipped elsewhere."""
 
 import pytest
 import torch
@@ -75,3 +76,43 @@ def test_fused_projections_on_cuda(preset):
            for f in (False, True)}
     print(f"bf16 max |logit - fp32|: unfused {gap[False]:.4f}, fused {gap[True]:.4f}")
     assert gap[True] <= 1.5 * gap[False] + 1e-2
+
+
+@pytest.mark.parametrize("decode_path", ["cuda_graph", "compile"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-swa", "tiny-moe"])
+def test_sampling_inside_decode_graphs_gives_the_packed_paths_outputs(preset, decode_path):
+    """The gate on the engine: decode steps sample inside their CUDA graphs ("compile": forward and sampling
+    compiled by Inductor first). In float32 the mixed workload's tokens, finish reasons and log-probs equal the
+    packed path's, which samples its logits eagerly; with overlap on."""
+    torch._dynamo.reset()
+    model = _cuda(preset)
+    reqs = mixed_workload()
+    eos = serve(LLMEngine(model, decode_path="packed", **KW), reqs)["r0"][0][3]
+    kw = {**KW, "num_blocks": 24 if preset != "tiny-swa" else 18, "eos_id": eos, "watermark_blocks": 0}
+    graphs = LLMEngine(model, decode_path=decode_path, overlap=True, **kw)
+    ours = serve(graphs, reqs, abort=("r8", 4))
+    theirs = serve(LLMEngine(model, decode_path="packed", overlap=False, **kw), reqs, abort=("r8", 4))
+    decode = graphs.runner.decode
+    assert decode.steps > 20 and decode.mode == "cuda_graph"  # no capture fell back
+    assert all(s.sampling_graphs for s in decode.shapes.values() if s.graph is None)
+    assert_same_outputs(ours, theirs)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-swa"])
+def test_compiled_decode_steps_compute_the_packed_paths_logits(preset):
+    """decode_path="compile": teacher-forced logits equal the packed path's in float32; in bf16 the compiled
+    steps are as close to float32 as the CUDA-graph steps (gap printed)."""
+    torch._dynamo.reset()
+    seqs, prompts = [random_seq(70 + 3 * b, 40 + b) for b in range(5)], [3, 17, 9, 25, 1]
+    exact = forced_logits(LLMEngine(_cuda(preset), decode_path="packed", **KW), seqs, prompts)
+    compiled = LLMEngine(_cuda(preset), decode_path="compile", **KW)
+    for a, b in zip(forced_logits(compiled, seqs, prompts), exact):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert compiled.runner.decode.steps > 30 and compiled.runner.decode.mode == "cuda_graph"
+    gap = {}
+    for path in ("cuda_graph", "compile"):
+        torch._dynamo.reset()
+        logits = forced_logits(LLMEngine(_cuda(preset, torch.bfloat16), decode_path=path, **KW), seqs, prompts)
+        gap[path] = max((x.float() - e).abs().max().item() for x, e in zip(logits, exact))
+    print(f"bf16 max |logit - fp32|: {gap}")
+    assert gap["compile"] <= 1.5 * gap["cuda_graph"] + 1e-2

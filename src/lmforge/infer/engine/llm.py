@@ -121,7 +121,8 @@ class LLMEngine:
         attention: the packed steps' attention: "varlen" (one flash call per layer), "padded" (batched SDPA per
             group) or "reference" (dense, explicit softmax); default: "varlen" on CUDA in bf16 / fp16, else
             "padded" (paged_attention.py).
-        decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
+        decode_path: decode-only steps "packed" like the others, or at static shapes sampling inside the step
+            ("eager", "cuda_graph", or "compile": forward and sampling compiled by Inductor, then captured;
             decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
         decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA) or
             "fused" (compiled kernels that read the keys in place; decode_graphs.py); default: "fused" on CUDA,
@@ -267,14 +268,17 @@ class LLMEngine:
 
         With `overlap`, the outputs are those of the previous call's step: this call queues its own step on
         the device before it waits for the previous one's ids (module docstring)."""
-        out, sampled, logits = self._forward()
+        with record_function("engine.schedule"):
+            out = self.scheduler.schedule()
         launched = None
         if out.chunks:
-            result = fetch = None
-            if sampled:
-                with record_function("engine.sample"):
-                    result = self.runner.sample(sampled, logits, self._feed())
-                fetch = to_host_later([result.tokens, result.logprobs, result.top_ids, result.top_logprobs])
+            sampled, result, fetch = [s for c in out.chunks for s in c.sampling_seqs], None, None
+            with record_function("engine.forward"):
+                if sampled:  # (a decode-only step samples inside its graph)
+                    result = self.runner.run(out.chunks, out.copies, self._feed(), sampled)
+                    fetch = to_host_later([result.tokens, result.logprobs, result.top_ids, result.top_logprobs])
+                else:
+                    self.runner.forward(out.chunks, out.copies, self._feed())
             with record_function("engine.advance"):
                 launched = self._commit(out, sampled, result, fetch)
         if not self.overlap:
@@ -284,8 +288,9 @@ class LLMEngine:
         return outputs + (self._resolve(previous) if previous is not None else [])
 
     def _forward(self) -> tuple[SchedulerOutput, list[Sequence], Tensor | None]:
-        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V)).
-        (The record_function ranges name the phases of a step in a profile: benchmarks/serving.py --profile.)"""
+        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V)); for tests that
+        choose the tokens themselves (`_advance`). (The record_function ranges name the phases of a step in a
+        profile: benchmarks/serving.py --profile.)"""
         with record_function("engine.schedule"):
             out = self.scheduler.schedule()
         if not out.chunks:

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.decode_graphs import DecodeAttention, DecodeGraphs
@@ -33,16 +34,18 @@ from lmforge.infer.engine.paged_attention import (
 from lmforge.infer.engine.scheduler import ScheduledChunk
 from lmforge.infer.engine.sequence import PENDING, Sequence
 from lmforge.infer.engine.varlen import build_varlen
-from lmforge.infer.sampling import SampleOutput, SamplingBatch, sample, token_index
+from lmforge.infer.sampling import SampleOutput, SamplingBatch, SamplingFlags, random_seed, sample, token_index
 from lmforge.infer.transfer import to_device
 from lmforge.models.transformer import Transformer
 
-DecodePath = Literal["packed", "eager", "cuda_graph"]
+DecodePath = Literal["packed", "eager", "cuda_graph", "compile"]
 
 
 class ModelRunner:
     """decode_path: how decode-only steps run: "packed" like any other step, "eager" or "cuda_graph" at static
-    shapes (`DecodeGraphs`); None picks "cuda_graph" on CUDA without tensor parallelism, else "packed".
+    shapes (`DecodeGraphs`), or "compile": static shapes, the whole step (forward and sampling) compiled by
+    Inductor and captured in CUDA graphs; None picks "cuda_graph" on CUDA without tensor parallelism, else
+    "packed". The static-shape steps sample inside their graph (`run`).
     decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`); None picks "fused" on CUDA
     (measured faster: benchmarks/RESULTS.md, serving (a)), else "sdpa".
     impl: the packed steps' attention (paged_attention.py); None picks "varlen" (one flash call per layer) on
@@ -64,13 +67,18 @@ class ModelRunner:
             # NOTE: not yet under tensor parallelism: capturing its all-reduces in CUDA graphs is untested
             single = getattr(model, "tp_degree", 1) == 1
             decode_path = "cuda_graph" if self.device.type == "cuda" and single else "packed"
-        if decode_path not in ("packed", "eager", "cuda_graph"):
-            raise ValueError(f"decode_path must be 'packed', 'eager' or 'cuda_graph', got {decode_path!r}")
+        if decode_path not in ("packed", "eager", "cuda_graph", "compile"):
+            raise ValueError(f"decode_path must be 'packed', 'eager', 'cuda_graph' or 'compile', got {decode_path!r}")
+        if decode_path == "compile" and self.device.type != "cuda":
+            raise ValueError(f"decode_path 'compile' needs a CUDA model, the model is on {self.device}")
         self.decode = None
         if decode_path != "packed" and impl != "reference":
             if decode_attention is None:
                 decode_attention = "fused" if self.device.type == "cuda" else "sdpa"
-            self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, decode_path, decode_attention)
+            mode = "eager" if decode_path == "eager" else "cuda_graph"
+            backend = "inductor" if decode_path == "compile" else None
+            self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, mode, decode_attention,
+                                       compile=backend)
 
     @torch.no_grad()
     def forward(self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]] = (),
@@ -83,7 +91,27 @@ class ModelRunner:
         rows = [k for k, c in enumerate(c for c in chunks if c.samples) for _ in c.sampling_seqs]
         if len(rows) == logits.shape[0]:
             return logits
-        return logits[torch.tensor(rows, device=logits.device)]  # a shared prompt's row, once for each fork
+        return logits[to_device(torch.tensor(rows), logits.device)]  # a shared prompt's row, once for each fork
+
+    @torch.no_grad()
+    def run(self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]], feed: TokenFeed | None,
+            seqs: list[Sequence]) -> SampleOutput:
+        """`forward`, then one token for each of `seqs` (the sampling sequences, in order). A step of decodes
+        only, on the static-shape path, samples inside its graph: no logits leave it."""
+        positions = [c.start for c in chunks]
+        if self._decode_only(chunks) and not any(c.forks for c in chunks) and self.decode.fits(positions):
+            self.pool.copy_blocks(list(copies))
+            flags = SamplingFlags.of([s.sampling for s in seqs])
+            V = self.config.vocab_size
+            return self.decode.sample([c.seq.token_ids[c.start] for c in chunks], positions,
+                                      [c.seq.block_table for c in chunks], self._fed(chunks, feed), flags,
+                                      lambda batch: sampling_batch(seqs, V, self.device, feed, batch))
+        logits = self.forward(chunks, copies, feed)
+        with record_function("engine.sample"):
+            return self.sample(seqs, logits, feed)
+
+    def _decode_only(self, chunks: list[ScheduledChunk]) -> bool:
+        return self.decode is not None and all(c.num_tokens == 1 and c.samples for c in chunks)
 
     def _fed(self, chunks: list[ScheduledChunk], feed: TokenFeed | None) -> tuple[Tensor, Tensor] | None:
         """(packed indices, ids) on the device of this step's tokens that the previous step sampled."""
@@ -101,7 +129,7 @@ class ModelRunner:
         return index[0], feed.tokens.index_select(0, index[1])
 
     def _forward(self, chunks: list[ScheduledChunk], fed: tuple[Tensor, Tensor] | None) -> Tensor:
-        if self.decode is not None and all(c.num_tokens == 1 and c.samples for c in chunks):
+        if self._decode_only(chunks):
             logits = self.decode([c.seq.token_ids[c.start] for c in chunks], [c.start for c in chunks],
                                  [c.seq.block_table for c in chunks], fed)
             if logits is not None:
@@ -139,19 +167,25 @@ class TokenFeed:
     rows: dict[int, int]
 
 
-def sampling_batch(seqs: list[Sequence], vocab_size: int, device, feed: TokenFeed | None = None) -> SamplingBatch:
-    """A `SamplingBatch` for this step's sequences, carrying their state across steps.
+def sampling_batch(seqs: list[Sequence], vocab_size: int, device, feed: TokenFeed | None = None,
+                   batch: SamplingBatch | None = None) -> SamplingBatch:
+    """A `SamplingBatch` for this step's sequences (or `batch`, a static one, loaded with them).
 
-    NOTE: `SamplingBatch` (lmforge.infer.sampling) serves a static batch: by default it seeds fresh generators
-    and counts output tokens from zero. The engine's batch changes every step, so each sequence keeps its
-    generator (seeded once, at its first sample) and the output counts are rebuilt from its outputs (a
-    `PENDING` one counted from `feed`, on the device).
+    NOTE: a sequence's noise (sampling.py) is a function of its seed and of how many tokens it has sampled,
+    len(output_ids) (a `PENDING` one included): the same in any batch, after a preemption, and for the fork
+    of a shared prompt. The penalties' output counts are rebuilt from its outputs each step (a `PENDING` one
+    counted from `feed`, on the device).
     """
     params = [s.sampling for s in seqs]
     for s, p in zip(seqs, params):
-        if p.seed is not None and s.generator is None:
-            s.generator = torch.Generator(device=device).manual_seed(p.seed)
-    batch = SamplingBatch(params, [s.prompt_ids for s in seqs], vocab_size, device, [s.generator for s in seqs])
+        if s.sample_seed is None:
+            s.sample_seed = p.seed if p.seed is not None else random_seed()
+    seeds, counters = [s.sample_seed for s in seqs], [len(s.output_ids) for s in seqs]
+    prompts = [s.prompt_ids for s in seqs]
+    if batch is None:
+        batch = SamplingBatch(params, prompts, vocab_size, device, seeds=seeds, counters=counters)
+    else:
+        batch.load(params, prompts, seeds, counters)
     if batch.output_counts is not None:
         rows, ids = token_index([[t for t in s.output_ids if t != PENDING] for s in seqs], device)
         pending = [(b, feed.rows[id(s)]) for b, s in enumerate(seqs) if s.output_ids and s.output_ids[-1] == PENDING]

@@ -31,8 +31,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -73,7 +71,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full, computed blocks
     num_preemptions: int = 0
-    generator: torch.Generator | None = None  # per-request sampling generator (seeded requests only)
+    sample_seed: int | None = None  # the noise seed of its samples (its `seed`, or drawn at its first sample)
     forks: list["Sequence"] = field(default_factory=list)  # a prompt sequence: the requests it pre-fills for
     parent: "Sequence | None" = None  # a request waiting for its prompt sequence's pre-fill
     seq_no: int = field(default_factory=lambda: next(_ids))  # arrival order, for stable sorting
