@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -163,15 +164,21 @@ class SamplingFlags:
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> "SamplingFlags":
-        return cls(
-            all(p.greedy for p in params), any(p.top_k > 0 for p in params), any(p.top_p < 1 for p in params),
-            any(p.min_p > 0 for p in params), any(p.repetition_penalty != 1 for p in params),
-            any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params),
-            any(p.logprobs for p in params), max((p.top_logprobs for p in params), default=0),
-        )
+        greedy, top_k, top_p, min_p, rep, counts, logprobs, top = True, False, False, False, False, False, False, 0
+        for p in params:  # (one pass: this runs every engine step)
+            greedy &= p.temperature == 0
+            top_k |= p.top_k > 0
+            top_p |= p.top_p < 1
+            min_p |= p.min_p > 0
+            rep |= p.repetition_penalty != 1
+            counts |= p.frequency_penalty != 0 or p.presence_penalty != 0
+            logprobs |= p.logprobs
+            top = max(top, p.top_logprobs)
+        return cls(greedy, top_k, top_p, min_p, rep, counts, logprobs, top)
 
 
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_PADDING = SamplingParams(temperature=0)  # the parameters of a static batch's padding rows
 
 
 class SamplingBatch:
@@ -222,12 +229,16 @@ class SamplingBatch:
         if len(prompts) != B:
             raise ValueError(f"{B} sampling params for {len(prompts)} prompts")
         assert B <= self.rows and SamplingFlags.of(params) == self.flags, "parameters of other flags"
-        pad = [SamplingParams(temperature=0)] * (self.rows - B)
+        pad = [_PADDING] * (self.rows - B)
         rows = list(params) + pad
         seeds = list(seeds) if seeds is not None else [p.seed if p.seed is not None else random_seed() for p in params]
         counters = list(counters) if counters is not None else [0] * B
-        floats = torch.tensor([[getattr(p, n) for p in rows] for n in _FLOATS], dtype=torch.float32)
-        ints = torch.tensor([[p.top_k for p in rows], seeds + [0] * len(pad), counters + [0] * len(pad)])
+        # NOTE: numpy builds these from Python lists about 3x faster than torch.tensor (this runs every step)
+        floats = np.array([v for p in rows for v in (p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                                                    p.frequency_penalty, p.presence_penalty)], dtype=np.float32)
+        floats = torch.from_numpy(floats).view(len(rows), len(_FLOATS)).T  # (6, B), in the order of _FLOATS
+        ints = np.array([p.top_k for p in rows] + seeds + [0] * len(pad) + counters + [0] * len(pad), dtype=np.int64)
+        ints = torch.from_numpy(ints).view(3, -1)
         copy_to_device([(self.floats, floats)])
         copy_to_device([(self.ints, ints)])
         if self.prompt_mask is not None:
