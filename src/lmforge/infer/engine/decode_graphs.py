@@ -42,7 +42,8 @@ Inductor, dynamic in Bb and Kb (one compile for every bucket), and `sample` (one
 so that the elementwise work between the matrix products fuses; the compiled code is then captured.
 Attention: "sdpa" gathers each row's keys out of the pool and calls SDPA; "fused" calls
 `gathered_decode_attention`, compiled with dynamic shapes on CUDA (one compile for every bucket; inside the
-step's compile under `compile`), whose kernels read the keys in place (see its NOTE).
+step's compile under `compile`), whose kernels read the keys in place (see its NOTE); "triton" calls our own
+paged kernel (triton_decode.py), which reads each key once, straight from its block.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ from lmforge.infer.engine.paged_attention import (
     PagedKVPool,
     gathered_decode_attention,
 )
+from lmforge.infer.engine.triton_decode import kernel as triton_kernel, paged_decode_attention
 from lmforge.infer.sampling import SampleOutput, SamplingBatch, SamplingFlags, sample
 from lmforge.infer.transfer import copy_to_device
 from lmforge.models.transformer import Transformer
 
 DecodePathMode = Literal["eager", "cuda_graph"]
-DecodeAttention = Literal["sdpa", "fused"]
+DecodeAttention = Literal["sdpa", "fused", "triton"]
 
 MIN_KEYS = 64
 
@@ -114,8 +116,8 @@ class DecodeGraphs:
                  attention: DecodeAttention = "sdpa", max_keys: int = 1 << 18, compile: str | None = None):
         if mode not in ("eager", "cuda_graph"):
             raise ValueError(f"decode graph mode must be 'eager' or 'cuda_graph', got {mode!r}")
-        if attention not in ("sdpa", "fused"):
-            raise ValueError(f"decode attention must be 'sdpa' or 'fused', got {attention!r}")
+        if attention not in ("sdpa", "fused", "triton"):
+            raise ValueError(f"decode attention must be 'sdpa', 'fused' or 'triton', got {attention!r}")
         device = next(model.parameters()).device
         if mode == "cuda_graph" and device.type != "cuda":
             raise ValueError(f"decode mode 'cuda_graph' needs a CUDA model, the model is on {device}")
@@ -129,6 +131,9 @@ class DecodeGraphs:
         if attention == "fused":
             alone = device.type == "cuda" and compile is None  # (under `compile` the whole step is compiled)
             self.kernel = torch.compile(gathered_decode_attention, dynamic=True) if alone else gathered_decode_attention
+        elif attention == "triton":
+            triton_kernel()  # built before anything is traced (its NOTE)
+            self.kernel = paged_decode_attention
         self.forward_fn, self.sample_fn, self.min_rows = self._forward, sample, 1
         if compile is not None:
             # NOTE: at least 2 rows: compiled with dynamic shapes, a size-1 batch would be specialised (a second

@@ -46,8 +46,8 @@ class ModelRunner:
     shapes (`DecodeGraphs`), or "compile": static shapes, the whole step (forward and sampling) compiled by
     Inductor and captured in CUDA graphs; None picks "cuda_graph" on CUDA without tensor parallelism, else
     "packed". The static-shape steps sample inside their graph (`run`).
-    decode_attention: "sdpa" or "fused" for the static-shape steps (`DecodeGraphs`); None picks "fused" on CUDA
-    (measured faster: benchmarks/RESULTS.md, serving (a)), else "sdpa".
+    decode_attention: "sdpa", "fused" or "triton" for the static-shape steps (`DecodeGraphs`); None picks
+    "fused" on CUDA (measured faster than "sdpa": benchmarks/RESULTS.md, serving (a)), else "sdpa".
     impl: the packed steps' attention (paged_attention.py); None picks "varlen" (one flash call per layer) on
     CUDA in bf16 / fp16, else "padded"."""
 
