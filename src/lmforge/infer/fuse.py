@@ -37,6 +37,7 @@ def fuse_projections(model: Transformer) -> bool:
     tensor-parallel (nothing done)."""
     if getattr(model, "tp_degree", 1) > 1:
         return False
+    _drop_kept_steps(model)
     for layer in model.layers:
         attention, ffn = layer.attention, layer.feed_forward
         if attention.wqkv is None:
@@ -49,6 +50,7 @@ def fuse_projections(model: Transformer) -> bool:
 @torch.no_grad()
 def unfuse_projections(model: Transformer) -> None:
     """Give every fused parameter its own storage again and drop the fused tensors."""
+    _drop_kept_steps(model)
     for layer in model.layers:
         attention, ffn = layer.attention, layer.feed_forward
         if attention.wqkv is not None:
@@ -59,6 +61,11 @@ def unfuse_projections(model: Transformer) -> None:
             for linear in (ffn.w1, ffn.w3):
                 linear.weight.data = linear.weight.data.clone()
             ffn.w13 = None
+
+
+def _drop_kept_steps(model: Transformer) -> None:
+    """Forget `generate()`'s kept decode step (decode_step.py): its graphs read the parameters where they were."""
+    model.__dict__.pop("_lmforge_kept_decode", None)
 
 
 def is_fused(model: Transformer) -> bool:

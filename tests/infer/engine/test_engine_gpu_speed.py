@@ -78,8 +78,8 @@ def test_fused_projections_on_cuda(preset):
     assert gap[True] <= 1.5 * gap[False] + 1e-2
 
 
-@pytest.mark.parametrize("decode_path", ["cuda_graph", "compile"])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-swa", "tiny-moe"])
+@pytest.mark.parametrize("preset, decode_path", [("tiny", "cuda_graph"), ("tiny-moe", "cuda_graph"),
+                                                 ("tiny-swa", "compile")])  # (compiles cost time: one)
 def test_sampling_inside_decode_graphs_gives_the_packed_paths_outputs(preset, decode_path):
     """The gate on the engine: decode steps sample inside their CUDA graphs ("compile": forward and sampling
     compiled by Inductor first). In float32 the mixed workload's tokens, finish reasons and log-probs equal the
@@ -98,7 +98,7 @@ def test_sampling_inside_decode_graphs_gives_the_packed_paths_outputs(preset, de
     assert_same_outputs(ours, theirs)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-swa"])
+@pytest.mark.parametrize("preset", ["tiny"])
 def test_compiled_decode_steps_compute_the_packed_paths_logits(preset):
     """decode_path="compile": teacher-forced logits equal the packed path's in float32; in bf16 the compiled
     steps are as close to float32 as the CUDA-graph steps (gap printed)."""
@@ -152,7 +152,8 @@ def test_engine_with_the_triton_kernel_equals_the_packed_path(decode_path):
     assert triton_engine.runner.decode.mode == "cuda_graph" and triton_engine.runner.decode.steps > 30
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    reqs = mixed_workload()
-    runs = [serve(LLMEngine(model, decode_path=p, decode_attention=a, **KW), reqs)
-            for p, a in ((decode_path, "triton"), ("packed", None))]
-    assert_same_outputs(*runs)
+    if decode_path == "cuda_graph":  # (sampling with it: once, without a compile)
+        reqs = mixed_workload()
+        runs = [serve(LLMEngine(model, decode_path=p, decode_attention=a, **KW), reqs)
+                for p, a in ((decode_path, "triton"), ("packed", None))]
+        assert_same_outputs(*runs)
