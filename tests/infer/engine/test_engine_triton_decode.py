@@ -44,6 +44,12 @@ def test_kernel_equals_the_reference(G, H, Hkv, D, K, splits):
     torch.testing.assert_close(ours, gathered_decode_attention(q, kp, vp, slots, allowed), rtol=1e-5, atol=1e-6)
 
 
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        LLMEngine(tiny_model("tiny"), num_blocks=64, decode_path="eager", decode_attention="triton")
+
+
 @pytest.mark.slow
 def test_engine_decode_steps_with_the_triton_kernel_compute_the_models_logits():
     """(slow only under the interpreter: every kernel call is run element by element in numpy)"""

@@ -48,6 +48,7 @@ paged kernel (triton_decode.py), which reads each key once, straight from its bl
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -132,6 +133,8 @@ class DecodeGraphs:
             alone = device.type == "cuda" and compile is None  # (under `compile` the whole step is compiled)
             self.kernel = torch.compile(gathered_decode_attention, dynamic=True) if alone else gathered_decode_attention
         elif attention == "triton":
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("decode attention 'triton' needs a CUDA model (or TRITON_INTERPRET=1 on the CPU)")
             triton_kernel()  # built before anything is traced (its NOTE)
             self.kernel = paged_decode_attention
         self.forward_fn, self.sample_fn, self.min_rows = self._forward, sample, 1
