@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,6 +28,7 @@ def test_decode_benchmark_quick(tmp_path):
     assert "lmforge eager" in proc.stdout and "rolling-buffer pre-fill" in proc.stdout
 
 
+@pytest.mark.slow
 def test_decode_benchmark_compares_fused_and_generate_paths(tmp_path):
     """--modes eager,generate:eager --fuse off,on: four rows in one run, all with the eager tokens."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}

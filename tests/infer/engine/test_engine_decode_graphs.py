@@ -173,14 +173,19 @@ def test_the_whole_static_step_traces_as_one_dynamic_graph():
     aot_eager backend: no graph break, one forward graph for every bucket, and the packed path's outputs."""
     torch._dynamo.reset()
     model = tiny_model("tiny-swa")
+    graphs = []
+
+    def counting(gm, example_inputs):  # aot_eager, counting the graphs it is given
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     def compiled(engine):
         runner = engine.runner
-        return DecodeGraphs(model, runner.pool, model.config.sliding_window, "eager", "fused", compile="aot_eager")
+        return DecodeGraphs(model, runner.pool, model.config.sliding_window, "eager", "fused", compile=counting)
 
     static, ours, theirs = _graph_sampling_runs(model, compiled, num_blocks=18)
     assert_same_outputs(ours, theirs)
     decode = static.runner.decode
     assert len({Bb for Bb, _ in decode.shapes}) > 1 and min(Bb for Bb, _ in decode.shapes) >= 2
-    flags = {f for _, f in decode.batches}
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 + len(flags)  # 1 forward, 1 per flags
+    forward = [g for g in graphs if "embedding" in g.code]  # the model's forward, not `sample`
+    assert len(forward) == 1 and 1 <= len(graphs) - 1 <= len({f for _, f in decode.batches})  # 1 per flags at most

@@ -109,12 +109,13 @@ class DecodeGraphs:
     is too large for this path (the caller then runs the packed path); `sample(...)`: the sampled tokens,
     sampling inside the same graph (`fits` says whether a step can take this path).
 
-    compile: a torch.compile backend ("inductor" on CUDA) for the step's forward (dynamic shapes: one compile
-    serves every bucket) and for `sample` (one per set of flags), both then captured in the CUDA graphs.
+    compile: a torch.compile backend (a name: "inductor" on CUDA, or a callable) for the step's forward
+    (dynamic shapes: one compile serves every bucket) and for `sample` (one per set of flags), both then
+    captured in the CUDA graphs.
     """
 
     def __init__(self, model: Transformer, pool: PagedKVPool, window: int | None, mode: DecodePathMode = "eager",
-                 attention: DecodeAttention = "sdpa", max_keys: int = 1 << 18, compile: str | None = None):
+                 attention: DecodeAttention = "sdpa", max_keys: int = 1 << 18, compile=None):
         if mode not in ("eager", "cuda_graph"):
             raise ValueError(f"decode graph mode must be 'eager' or 'cuda_graph', got {mode!r}")
         if attention not in ("sdpa", "fused", "triton"):
