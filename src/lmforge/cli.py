@@ -36,8 +36,10 @@ VERBS: dict = {
               "build": "lmforge.align.world.build:build_world"},
     "tokenizer": {"_help": "Tokenizers: `lmforge tokenizer train` trains a SentencePiece BPE tokenizer.",
                   "train": "lmforge.tokenizer.train:train_tokenizer"},
-    "data": {"_help": "Data sets: `lmforge data prepare` tokenizes corpora into token shards.",
-             "prepare": "lmforge.data.prepare:prepare_data"},
+    "data": {"_help": "Data sets: `lmforge data prepare` tokenizes corpora into token shards; `lmforge data audit` "
+                      "counts pronouns, identity terms, toxicity and languages in a corpus.",
+             "prepare": "lmforge.data.prepare:prepare_data",
+             "audit": "lmforge.data.audit.audit:audit_data"},
     "lora": {"_help": "LoRA adapters: `lmforge lora export` writes them merged or as a peft adapter folder.",
              "export": "lmforge.lora_export:export_lora"},
 }

@@ -23,11 +23,13 @@ R = TypeVar("R")
 BATCH_BYTES = 1 << 18  # text per task sent to a worker (256 KiB): amortises pickling, keeps workers balanced
 
 
-def batches(items: Iterable[T], size: Callable[[T], int], limit: int = BATCH_BYTES) -> Iterator[list[T]]:
-    """`items` in consecutive lists, each closed once the sizes of its items add up to `limit` or more.
+def batches(items: Iterable[T], size: Callable[[T], int], limit: int | None = None) -> Iterator[list[T]]:
+    """`items` in consecutive lists, each closed once the sizes of its items add up to `limit` (default
+    BATCH_BYTES) or more.
 
     Worked example with limit 10 and sizes 4 6 3 9 2: [4, 6] (10), [3, 9] (12), [2] (the rest).
     """
+    limit = BATCH_BYTES if limit is None else limit  # read when called, so that tests can make batches small
     batch: list[T] = []
     total = 0
     for item in items:
