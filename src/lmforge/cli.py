@@ -40,6 +40,9 @@ VERBS: dict = {
                       "counts pronouns, identity terms, toxicity and languages in a corpus.",
              "prepare": "lmforge.data.prepare:prepare_data",
              "audit": "lmforge.data.audit.audit:audit_data"},
+    "analyze": {"_help": "Analyses of models: `lmforge analyze temperature` (answer diversity against temperature, "
+                         "factual and creative prompts, Llama 2's Figure 21).",
+                "temperature": "lmforge.analyze.temperature:analyze_temperature"},
     "lora": {"_help": "LoRA adapters: `lmforge lora export` writes them merged or as a peft adapter folder.",
              "export": "lmforge.lora_export:export_lora"},
 }
