@@ -90,8 +90,8 @@ def audit_data(
         tokenizer: for token shards, the tokenizer.model that made them (default: the one their manifest
             records); it is checked against the manifest's sha256.
         terms: a term list in the format of the shipped terms.yaml (sections pronouns and identity).
-        toxicity_scorer: "module:name" of a callable text -> score in [0, 1] (a real classifier), imported in
-            each worker process.
+        toxicity_scorer: "module:name" of a callable text -> score in [0, 1] (a real classifier), imported
+            here and called in every worker process (so a model it loads on first use loads once per worker).
         toxicity_words: a word list (one word per line) for the lexicon scorer instead of the shipped placeholder.
         toxicity_threshold: report the share of documents scoring at least this (Llama 2: 0.5).
         language_threshold: below this probability a document's language is "unknown" (Llama 2: 0.5).

@@ -42,9 +42,9 @@ class LanguageIdentifier:
 
     def __init__(self, threshold: float = 0.5, chars: int = 2000):
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"language threshold must be in [0, 1], got {threshold}")
+            raise ValueError(f"language_threshold must be in [0, 1], got {threshold}")
         if chars < 1:
-            raise ValueError(f"language chars must be >= 1, got {chars}")
+            raise ValueError(f"language_chars must be >= 1, got {chars}")
         self.threshold, self.chars = threshold, chars
         self._model: Any = None
 
