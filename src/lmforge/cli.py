@@ -36,8 +36,13 @@ VERBS: dict = {
               "build": "lmforge.align.world.build:build_world"},
     "tokenizer": {"_help": "Tokenizers: `lmforge tokenizer train` trains a SentencePiece BPE tokenizer.",
                   "train": "lmforge.tokenizer.train:train_tokenizer"},
-    "data": {"_help": "Data sets: `lmforge data prepare` tokenizes corpora into token shards.",
-             "prepare": "lmforge.data.prepare:prepare_data"},
+    "data": {"_help": "Data sets: `lmforge data prepare` tokenizes corpora into token shards; `lmforge data audit` "
+                      "counts pronouns, identity terms, toxicity and languages in a corpus.",
+             "prepare": "lmforge.data.prepare:prepare_data",
+             "audit": "lmforge.data.audit.audit:audit_data"},
+    "analyze": {"_help": "Analyses of models: `lmforge analyze temperature` (answer diversity against temperature, "
+                         "factual and creative prompts, Llama 2's Figure 21).",
+                "temperature": "lmforge.analyze.temperature:analyze_temperature"},
     "lora": {"_help": "LoRA adapters: `lmforge lora export` writes them merged or as a peft adapter folder.",
              "export": "lmforge.lora_export:export_lora"},
 }
