@@ -14,6 +14,8 @@ import sys
 
 def _verbs() -> dict:
     from lmforge.align.eval_chat import eval_chat
+    from lmforge.align.dpo import dpo
+    from lmforge.align.rm import rm_train
     from lmforge.align.sft import sft
     from lmforge.align.world.build import build_world
     from lmforge.models.convert import convert
@@ -30,6 +32,8 @@ def _verbs() -> dict:
         "chat": chat,
         "pretrain": pretrain,
         "sft": sft,
+        "rm": {"train": rm_train},
+        "dpo": dpo,
         "eval": {"loss": evaluate, "chat": eval_chat},
         "world": {"build": build_world},
         "tokenizer": {"train": train_tokenizer},
