@@ -21,4 +21,4 @@ def tokenizer_512(tmp_path_factory) -> str:
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(3000)]
     (folder / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
-    return train_tokenizer([str(folder / "corpus.txt")], out_dir=str(folder), vocab_size=512, num_threads=1)
+    return train_tokenizer([str(folder / "corpus.txt")], out_dir=str(folder / "tok"), vocab_size=512, num_threads=1)

@@ -1,5 +1,7 @@
 """Helpers shared by tests in several folders (importable as `helpers`: pyproject puts tests/ on sys.path)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -36,3 +38,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+CORPUS = """The quick brown fox jumps over the lazy dog. A rolling buffer keeps the last W keys and values.
+Sliding window attention lets each token see the previous tokens within the window, and no further.
+Pre-fill computes the keys and values of the prompt in chunks; decoding then adds one token at a time.
+Sampling picks the next token with temperature, top-k, top-p and min-p; greedy decoding takes the argmax.
+Numbers such as 12345 and 2024 are split into digits. Unicode such as café, naïve and 東京 is fine too.
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer_path() -> str:
+    """A SentencePiece model (vocabulary 320, Llama 2's settings) trained once per test session."""
+    import tempfile
+    from pathlib import Path
+
+    from lmforge.tokenizer.train import train_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="lmforge-infer-tok-"))
+    (folder / "corpus.txt").write_text(CORPUS * 20)
+    return train_tokenizer(data=[str(folder / "corpus.txt")], out_dir=str(folder / "tok"), vocab_size=320, num_threads=1)

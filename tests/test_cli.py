@@ -36,7 +36,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
         capture_output=True, text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"lmforge: error: {tmp_path / 'missing'} is not a folder"
+    assert proc.stderr.strip().splitlines()[-1] == f"lmforge: error: {tmp_path / 'missing'} is not a folder: it does not exist"
     assert not (tmp_path / "out").exists()
 
 

@@ -1,26 +1,50 @@
 """lmforge: train, align and serve Llama 2 / Mistral / sparse-MoE language models with one PyTorch codebase."""
 
-from lmforge.data import Batch, DataError, PackedLoader, prepare_data, write_token_documents
-from lmforge.infer.generate import GenerationError, GenerationResult, generate, generate_stream
-from lmforge.infer.engine import LLMEngine, RefusalReason, RequestOutput, RequestRefused
-from lmforge.infer.sampling import SamplingParams, SamplingParamsError
-from lmforge.models.config import ConfigError, ModelConfig, MoEConfig
-from lmforge.models.transformer import Transformer
-from lmforge.train import DataConfig, OptimConfig, RunConfig, TrainConfig, evaluate, pretrain
-from lmforge.tokenizer import (
-    ChatEncoding, ChatFormatError, Tokenizer, TokenizerError, encode_chat, export_hf_tokenizer, train_tokenizer,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "GenerationError", "GenerationResult", "ModelConfig", "MoEConfig", "SamplingParams",
-    "SamplingParamsError", "Transformer", "__version__", "generate", "generate_stream",
+# name -> the module it comes from. NOTE: imported on first use (PEP 562 `__getattr__`), not here: importing
+# torch takes seconds, and `lmforge --help` or `lmforge.io` must not pay for it.
+_EXPORTS = {
+    # model (issue 1)
+    "ConfigError": "lmforge.models.config", "ModelConfig": "lmforge.models.config", "MoEConfig": "lmforge.models.config",
+    "Transformer": "lmforge.models.transformer",
+    "CheckpointError": "lmforge.models.checkpoint", "load_model": "lmforge.models.checkpoint",
+    "save_model": "lmforge.models.checkpoint",
+    # inference
+    "GenerationError": "lmforge.infer.generate", "GenerationResult": "lmforge.infer.generate",
+    "generate": "lmforge.infer.generate", "generate_stream": "lmforge.infer.generate",
+    "SamplingParams": "lmforge.infer.sampling", "SamplingParamsError": "lmforge.infer.sampling",
     # tokenizer and data (issue 3)
-    "Batch", "ChatEncoding", "ChatFormatError", "DataError", "PackedLoader", "Tokenizer", "TokenizerError",
-    "encode_chat", "export_hf_tokenizer", "prepare_data", "train_tokenizer", "write_token_documents",
+    "Batch": "lmforge.data", "DataError": "lmforge.data", "PackedLoader": "lmforge.data",
+    "prepare_data": "lmforge.data", "write_token_documents": "lmforge.data",
+    "ChatEncoding": "lmforge.tokenizer", "ChatFormatError": "lmforge.tokenizer", "Tokenizer": "lmforge.tokenizer",
+    "TokenizerError": "lmforge.tokenizer", "encode_chat": "lmforge.tokenizer",
+    "export_hf_tokenizer": "lmforge.tokenizer", "train_tokenizer": "lmforge.tokenizer",
     # pre-training (issue 5)
-    "DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "evaluate", "pretrain",
+    "DataConfig": "lmforge.train", "OptimConfig": "lmforge.train", "RunConfig": "lmforge.train",
+    "TrainConfig": "lmforge.train", "evaluate": "lmforge.train", "pretrain": "lmforge.train",
     # serving engine (issue 7)
-    "LLMEngine", "RefusalReason", "RequestOutput", "RequestRefused",
-]
+    "LLMEngine": "lmforge.infer.engine", "RefusalReason": "lmforge.infer.engine",
+    "RequestOutput": "lmforge.infer.engine", "RequestRefused": "lmforge.infer.engine",
+    # export (issue 15)
+    "export_hf": "lmforge.export",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -16,6 +16,10 @@ sets) asks `claim_output_dir` first:
 A folder lmforge writes carries the marker file `.lmforge-output` (JSON: what wrote it, and when), so that
 a later `--overwrite true` can tell our outputs from the user's own files: a folder of the user's is never
 deleted, whatever the flags. `output_dir()` combines the rule, the atomic swap and the marker.
+
+Reading a user's files. `read_json` and `read_yaml` turn a syntax error into one line that names the file,
+the line and the column (`runs/data/manifest.json:2:1: not valid JSON (Expecting property name ...)`), so
+that a corrupt file is found without a traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from pathlib import Path
 MARKER = ".lmforge-output"
 
 
+class FileFormatError(ValueError):
+    """A JSON or YAML file that cannot be parsed; the message names the file, line and column."""
+
+
 class OutputExistsError(FileExistsError):
     """The destination holds something the output rule does not let this call replace (module docstring).
 
@@ -45,8 +53,8 @@ def _umask() -> int:
     return mask
 
 
-def _publish_mode(path: Path, is_dir: bool) -> None:
-    """mkdtemp / mkstemp create 0700 / 0600 entries; give the final output the ordinary umask mode."""
+def publish_mode(path: Path, is_dir: bool = False) -> None:
+    """mkdtemp / mkstemp create 0700 / 0600 entries; give a finished output the user's ordinary umask mode."""
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
@@ -65,7 +73,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        _publish_mode(tmp, is_dir=True)
+        publish_mode(tmp, is_dir=True)
         if path.exists():
             old = path.parent / f"{path.name}.tmp-old-{os.getpid()}"
             path.rename(old)
@@ -93,12 +101,40 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             yield f
             f.flush()
             os.fsync(f.fileno())
-        _publish_mode(Path(tmp), is_dir=False)
+        publish_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """The JSON value in the file `path`; FileFormatError naming the file, line and column if it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+
+
+def read_yaml(path: str | os.PathLike) -> object:
+    """The YAML document in the file `path`; FileFormatError naming the file, line and column if it is not YAML."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise FileFormatError(f"{where}: not valid YAML ({e.problem or e.context})") from None
+    except yaml.YAMLError as e:
+        raise FileFormatError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{path}: not valid YAML (not UTF-8 text: {e.reason} at byte {e.start})") from None
 
 
 def is_lmforge_output(path: str | os.PathLike) -> bool:

@@ -30,7 +30,7 @@ import torch
 from lmforge.io import claim_output_dir, output_dir
 from lmforge.lora import LoraAdapter, LoraError, load_lora_model, merge_lora, read_lora, require_peft
 from lmforge.models.checkpoint import save_model
-from lmforge.models.convert import _heads, _name_pairs, _permute_to_hf, save_hf_folder
+from lmforge.models.convert import _heads, _name_pairs, _permute_to_hf
 
 PEFT_PREFIX = "base_model.model."  # how peft names the model it wraps
 
@@ -106,11 +106,12 @@ def export_lora(
     tokenizer = Path(source) / "tokenizer.model"
     tokenizer = tokenizer if tokenizer.is_file() else None
     torch_dtype = getattr(torch, dtype) if dtype else None
-    with output_dir(dst, f"lora export --to {to}", overwrite) as tmp:
-        if to == "hf":
-            save_hf_folder(merged, tmp, tokenizer_path=tokenizer, dtype=torch_dtype)
-        else:
-            save_model(merged, tmp, tokenizer_path=tokenizer, dtype=torch_dtype)
+    if to == "hf":
+        from lmforge.export import export_hf
+
+        export_hf(merged, dst, tokenizer_path=tokenizer, overwrite=overwrite, dtype=torch_dtype)
+    else:
+        save_model(merged, dst, tokenizer_path=tokenizer, dtype=torch_dtype, overwrite=overwrite)
     print(f"wrote {dst} (merged model, {to} format)")
 
 

@@ -1,5 +1,6 @@
-"""Parallelism, applied from outside the model, in one place and a fixed order (STYLE.md item 11). Training
-(`lmforge pretrain`) and inference (`lmforge generate --tensor_parallel`) both use it, so it sits beside them.
+"""Parallelism, applied from outside the model (which stays single-device), in one place and a fixed order.
+Training (`lmforge pretrain`) and inference (`lmforge generate --tensor_parallel`) both use it, so it sits beside
+them.
 
     tensor parallelism  ->  activation checkpointing  ->  torch.compile per block  ->  FSDP2 per block, root
                                                                                        (or DDP instead of FSDP2)

@@ -11,7 +11,7 @@ from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the eng
 from helpers import unit_scale_
 
 from lmforge import ModelConfig, Transformer
-from lmforge.align.eval_chat import EngineAnswerer, EvalChatError, answer_prompts, read_records, score_answers
+from lmforge.align.eval_chat import EngineAnswerer, answer_prompts, read_records, score_answers
 from lmforge.align.world import oracle, safety
 from lmforge.align.world.build import build_world
 from lmforge.align.world.common import stream

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sft_helpers import seeded_dialogues, write_jsonl
 from lmforge import ModelConfig, Transformer

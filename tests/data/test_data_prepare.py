@@ -10,6 +10,7 @@ from lmforge.cli import main
 from lmforge.data.prepare import prepare_data, write_token_documents
 from lmforge.data.shards import ShardWriter, is_validation, token_dtype
 from lmforge.data.sources import DataError
+from lmforge.io import MARKER
 from lmforge.tokenizer import encode_chat
 
 SHARD = 3000  # tokens: the 300-document corpus makes ~10 shards
@@ -32,7 +33,8 @@ def read_split(out, manifest, split):
 
 
 def folder_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "prepare_metrics.jsonl"}
+    """Every file's bytes, except the two that record when they were written (the metrics log, the marker)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in ("prepare_metrics.jsonl", MARKER)}
 
 
 def test_shards_hold_every_document_once_with_eos(corpus, docs, tok, tok_path, tmp_path):

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from helpers import unit_scale_
+from helpers import CORPUS, tiny_tokenizer_path, unit_scale_  # noqa: F401 - re-exported
 
 from lmforge import ModelConfig, Transformer
 
@@ -62,24 +62,3 @@ def cached_logits(model, seqs, prompt_lens, chunk, kind="auto", attention="sdpa"
             for b in range(B):
                 out[b].append(logits[b])
     return [torch.stack(rows) for rows in out], cache
-
-
-CORPUS = """The quick brown fox jumps over the lazy dog. A rolling buffer keeps the last W keys and values.
-Sliding window attention lets each token see the previous tokens within the window, and no further.
-Pre-fill computes the keys and values of the prompt in chunks; decoding then adds one token at a time.
-Sampling picks the next token with temperature, top-k, top-p and min-p; greedy decoding takes the argmax.
-Numbers such as 12345 and 2024 are split into digits. Unicode such as café, naïve and 東京 is fine too.
-"""
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_tokenizer_path() -> str:
-    """A SentencePiece model (vocabulary 320, Llama 2's settings) trained once per test session."""
-    import tempfile
-    from pathlib import Path
-
-    from lmforge.tokenizer.train import train_tokenizer
-
-    folder = Path(tempfile.mkdtemp(prefix="lmforge-infer-tok-"))
-    (folder / "corpus.txt").write_text(CORPUS * 20)
-    return train_tokenizer(data=[str(folder / "corpus.txt")], out_dir=str(folder / "tok"), vocab_size=320, num_threads=1)

@@ -60,6 +60,8 @@ def test_generate_jsonl_from_a_prompt_file(folder, tmp_path):
 
 
 def test_generate_text_file_with_chat_format(folder, tmp_path, capsys):
+    """Several prompts in --format text: each completion after its prompt in [brackets], records separated by a
+    line of dashes (rough edge of issue 13: they used to run together)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first question\n\nsecond question\n")
     main(["generate", str(folder), "--prompt_file", str(prompts), "--chat", "true", "--system", "Be brief.", *GREEDY])
@@ -68,7 +70,7 @@ def test_generate_text_file_with_chat_format(folder, tmp_path, capsys):
     for q in ("first question", "second question"):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
         texts.append(_expected(encode_chat(tok, messages, add_generation_prompt=True).ids).text)
-    assert capsys.readouterr().out == texts[0] + "\n\n" + texts[1] + "\n"
+    assert capsys.readouterr().out == f"[first question]{texts[0]}\n{'-' * 40}\n[second question]{texts[1]}\n"
 
 
 @pytest.mark.parametrize(
@@ -101,6 +103,7 @@ def test_chat_reads_stdin_and_keeps_the_dialogue(folder, capsys, monkeypatch):
         {"role": "user", "content": "how are you"},
     ]
     second = _expected(encode_chat(tok, dialogue, add_generation_prompt=True).ids)
-    # after /reset the dialogue starts again: the same first answer
-    assert out == f"{first.text}\n{second.text}\n(new dialogue)\n{first.text}\n"
+    # after /reset the dialogue starts again: the same first answer. An answer's leading space (it follows
+    # "[/INST] " in the format) is not shown.
+    assert out == f"{first.text.lstrip()}\n{second.text.lstrip()}\n(new dialogue)\n{first.text.lstrip()}\n"
     assert first.text and second.text != first.text  # real answers, and the history changed the second

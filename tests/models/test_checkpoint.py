@@ -27,7 +27,7 @@ def test_round_trip(preset, tmp_path):
 def test_sharded_round_trip_and_dtype(tmp_path):
     model = Transformer(ModelConfig.from_name("tiny"))
     save_model(model, tmp_path / "m", max_shard_bytes=100_000)
-    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    files = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name != ".lmforge-output")
     assert "model.safetensors.index.json" in files and "model-00001-of-" in files[1]
     assert _same(model, load_model(tmp_path / "m"))
     half = load_model(tmp_path / "m", dtype=torch.bfloat16)
@@ -54,7 +54,7 @@ def test_mismatched_tensors_are_listed(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    import lmforge.models.checkpoint as ckpt
+    import lmforge.models.files as ckpt
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -66,13 +66,13 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_failed_save_keeps_previous_complete_folder(tmp_path, monkeypatch):
-    import lmforge.models.checkpoint as ckpt
+    import lmforge.models.files as ckpt
 
     model = Transformer(ModelConfig.from_name("tiny"))
     save_model(model, tmp_path / "m")
     monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        save_model(Transformer(ModelConfig.from_name("tiny")), tmp_path / "m")
+        save_model(Transformer(ModelConfig.from_name("tiny")), tmp_path / "m", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     assert _same(model, load_model(tmp_path / "m"))
 

@@ -4,7 +4,7 @@ import torch
 from lmforge import ModelConfig, Transformer
 from lmforge.models.config import PRESETS, REAL_PRESETS, ConfigError, MoEConfig
 
-# REFERENCE.md section 1: exact parameter counts (embedding and output counted separately, norms included).
+# The papers' exact parameter counts for these shapes (embedding and output counted separately, norms included).
 REFERENCE_COUNTS = {
     "llama2-7b": 6_738_415_616,
     "llama2-13b": 13_015_864_320,

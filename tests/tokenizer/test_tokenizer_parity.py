@@ -14,7 +14,7 @@ from lmforge.tokenizer import CHAT_TEMPLATE, Tokenizer, TokenizerError, export_h
 transformers = pytest.importorskip("transformers")
 
 # Valid Unicode text: no surrogates (category Cs, not encodable as UTF-8) and no U+2581, which SentencePiece
-# decodes as a space (REFERENCE.md section 2).
+# decodes as a space.
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=80)
 # Text dense in what tokenizers get wrong: whitespace runs at the ends, digits, emoji, scripts.
 TRICKY = st.lists(st.sampled_from(list(" \t\n\r ab1é日🙂ع") + ["  ", "\t\t", "\n\n", "[INST]", "[/INST]", "the"]),

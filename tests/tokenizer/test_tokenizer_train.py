@@ -113,12 +113,12 @@ def test_training_is_deterministic_and_reads_every_input_kind(corpus_file, tok, 
 def test_output_is_atomic_and_not_overwritten(corpus_file, tmp_path):
     out = tmp_path / "tok"
     train_tokenizer([str(corpus_file)], out_dir=str(out), vocab_size=400)
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_train.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lmforge-output", "tokenizer.model", "tokenizer_train.json"]
     with pytest.raises(FileExistsError, match="overwrite"):
         train_tokenizer([str(corpus_file)], out_dir=str(out), vocab_size=500)
     train_tokenizer([str(corpus_file)], out_dir=str(out), vocab_size=500, overwrite=True)
     assert Tokenizer(out).vocab_size == 500
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_train.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lmforge-output", "tokenizer.model", "tokenizer_train.json"]
 
 
 def test_vocabulary_too_large_is_a_clear_error(corpus_file, tmp_path):

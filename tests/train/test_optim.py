@@ -10,7 +10,7 @@ from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler, l
 
 
 def expected_lr(step, peak, warmup, decay, floor_ratio):
-    """REFERENCE.md section 3, restated independently of optim.py."""
+    """Llama 2's schedule (linear warm-up, cosine to floor_ratio of the peak), restated independently of optim.py."""
     floor = floor_ratio * peak
     if step < warmup:
         return peak * (step + 1) / warmup

@@ -166,7 +166,7 @@ def test_eval_verb_reports_the_perplexity_of_every_validation_sample(token_data,
 
 def test_init_from_our_folder_or_hugging_face_starts_from_those_weights(token_data, tmp_path):
     from lmforge.models.checkpoint import save_model
-    from lmforge.models.convert import convert
+    from lmforge.export import convert
 
     torch.manual_seed(123)
     start = Transformer(ModelConfig.from_name("tiny-swa"))

@@ -14,6 +14,11 @@ Resuming: progress.json records the settings (tokenizer sha256, inputs with thei
 and shard options) and each finished shard. A run started again with the same settings keeps the finished
 shards that still verify (sizes and sha256), deletes leftovers, skips their documents without tokenizing
 them, and goes on; with different settings it stops and asks for `overwrite`.
+
+The output folder follows lmforge's output rule (`lmforge.io`): a missing or empty folder is claimed and
+marked (`.lmforge-output`) before the first shard is written, so that a later run recognises it as ours and
+resumes or (with `overwrite`) replaces what it holds; a non-empty folder without the marker is never
+written into, whatever the flags.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import time
 from collections import deque
@@ -37,15 +43,17 @@ from lmforge.data.shards import (
     verify_shard, write_json_atomic,
 )
 from lmforge.data.sources import DataError, Source, iter_documents, resolve_sources
+from lmforge.io import MARKER, claim_output_dir, is_lmforge_output, read_json, write_marker
 from lmforge.tokenizer.tokenizer import Tokenizer, TokenizerError
 
+DATA_WRITERS = ("data prepare", "write_token_documents")  # the `written_by` of folders this module fills
 BATCH_BYTES = 1 << 18  # text per task sent to a worker (256 KiB): amortises pickling, keeps workers balanced
 
 
 def prepare_data(
     data: list[str] | str | None = None,
-    tokenizer: str = "tokenizer/tokenizer.model",
-    out_dir: str = "data/tokens",
+    tokenizer: str = "runs/tokenizer/tokenizer.model",
+    out_dir: str = "runs/data",
     text_field: str = "text",
     val_fraction: float = 0.01,
     seed: int = 0,
@@ -70,7 +78,8 @@ def prepare_data(
         seed: seed of the train/validation split.
         shard_tokens: close a shard at the first document boundary past this many tokens.
         workers: tokenizer processes (default: all cores; 1 tokenizes in this process).
-        overwrite: delete a previous or unfinished run in OUT_DIR with other settings and start again.
+        overwrite: delete a previous or unfinished run in OUT_DIR with other settings and start again (only
+            in a folder lmforge wrote; any other non-empty folder is refused).
 
     Returns:
         The manifest (also written to OUT_DIR/manifest.json).
@@ -107,7 +116,7 @@ def prepare_data(
                 "sources": [{"path": path, **counts} for path, counts in stats.items()],
                 "bytes": sum(s["bytes"] for s in stats.values())}
 
-    manifest, fresh = _write(Path(out_dir), settings, documents, describe, overwrite)
+    manifest, fresh = _write(Path(out_dir), settings, documents, describe, overwrite, "data prepare")
     if fresh:
         seconds = time.perf_counter() - start
         metrics = {"event": "prepare", "seconds": round(seconds, 3), "workers": workers,
@@ -162,21 +171,23 @@ def write_token_documents(
     def describe() -> dict:
         return {"tokenizer": str(tok.path.resolve()), "sources": [{"path": name, **count}]}
 
-    manifest, _ = _write(Path(out_dir), settings, stream, describe, overwrite)
+    manifest, _ = _write(Path(out_dir), settings, stream, describe, overwrite, "write_token_documents")
     return manifest
 
 
-def _write(out: Path, settings: dict, documents: Any, describe: Any, overwrite: bool) -> tuple[dict, bool]:
+def _write(out: Path, settings: dict, documents: Any, describe: Any, overwrite: bool,
+           written_by: str) -> tuple[dict, bool]:
     """Run (or resume) the shard writer over `documents(skip)`, then write the manifest, adding the fields of
     `describe()`. Returns the manifest and whether this call wrote it (False: it was already there)."""
+    created = not out.exists()
+    claimed = _claim(out, overwrite, written_by)
     if (out / MANIFEST).exists() and not overwrite:
         manifest = read_manifest(out)
         if manifest["settings"] == settings:
             print(f"{out} is already prepared with these settings; nothing to do", file=sys.stderr)
             return manifest, False
-        raise FileExistsError(f"{out} holds data prepared with other settings; pass overwrite=True to replace it")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+        raise FileExistsError(f"{out} holds data prepared with other settings; pass --overwrite true to replace "
+                              "it, or choose another --out_dir")
     shards = _resume(out, settings, overwrite)
     dtype = np.dtype(settings["dtype"])
 
@@ -192,9 +203,10 @@ def _write(out: Path, settings: dict, documents: Any, describe: Any, overwrite: 
         writer.finish()
     except BaseException:
         writer.abort()
-        if created and not shards:
+        if claimed and not shards:  # nothing of this run is worth resuming: leave the folder as it was
             _remove_run(out, [])
-            if not any(out.iterdir()):
+            (out / MARKER).unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
                 out.rmdir()
         raise
     splits = {}
@@ -217,16 +229,36 @@ def _write(out: Path, settings: dict, documents: Any, describe: Any, overwrite: 
     return manifest, True
 
 
+def _claim(out: Path, overwrite: bool, written_by: str) -> bool:
+    """Apply the output rule to `out` for a writer that fills it incrementally; True if this call claimed it.
+
+    A folder we marked earlier is kept (the caller resumes it or, with overwrite, replaces our files in it);
+    a folder that another lmforge verb wrote (a model, say) is replaced only with overwrite; a missing or
+    empty folder is created and marked; anything else is refused (OutputExistsError)."""
+    if is_lmforge_output(out):
+        marker = read_json(out / MARKER)
+        if isinstance(marker, dict) and marker.get("written_by") in DATA_WRITERS:
+            return False
+        claim_output_dir(out, overwrite)  # another verb's output: refused without overwrite
+        shutil.rmtree(out)
+    else:
+        claim_output_dir(out, overwrite)  # refuses a non-empty folder that is not ours
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, written_by)
+    return True
+
+
+
 def _resume(out: Path, settings: dict, overwrite: bool) -> list[dict]:
     """Finished shards of an interrupted run that can be kept; cleans everything else of ours in `out`."""
     progress_path = out / PROGRESS
     kept: list[dict] = []
     if progress_path.exists():
-        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        progress = read_json(progress_path)
         if progress.get("settings") != settings and not overwrite:
             raise FileExistsError(
                 f"{out} holds an unfinished run with other settings (or inputs changed since); "
-                "pass overwrite=True to discard it"
+                "pass --overwrite true to discard it"
             )
         if progress.get("settings") == settings:
             dtype = np.dtype(settings["dtype"])

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.io import atomic_file
+from lmforge.io import atomic_file, publish_mode, read_json
 
 FORMAT = "lmforge-tokens/1"
 SPLITS = ("train", "validation")
@@ -134,6 +134,7 @@ class ShardWriter:
                     f.close()
                 names = {kind: _name(split, self.index, kind) for kind in files.temps}
                 for kind, tmp in files.temps.items():
+                    publish_mode(tmp)  # mkstemp made it 0600
                     os.replace(tmp, self.out_dir / names[kind])
                 entry.update(names)
                 entry["sha256"] = file_sha256(self.out_dir / names["bin"])
@@ -192,7 +193,8 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict:
         unfinished = (Path(data_dir) / PROGRESS).exists()
         hint = " (an unfinished run: start `lmforge data prepare` again to finish it)" if unfinished else ""
         raise FileNotFoundError(f"{path} not found: {data_dir} is not a prepared data folder{hint}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: format {found!r} is not {FORMAT!r}")
     return manifest

@@ -9,7 +9,7 @@ The attention mask is always `allowed_mask(q_pos, slot_pos, window)` from `lmfor
 causal / window rule lives in one place; an empty slot has a negative position and is never attended.
 
     ContiguousCache   S = max_len        position p lives in slot p
-    RollingCache      S = W              position p lives in slot p mod W (REFERENCE.md section 1)
+    RollingCache      S = W              position p lives in slot p mod W (Mistral's rolling buffer)
 
 Per-sequence positions. Every row of the batch carries its own positions (B, Tq). A batch of prompts of
 different lengths is left-padded: row b's real tokens sit in the last L_b columns with positions

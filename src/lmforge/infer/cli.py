@@ -3,6 +3,10 @@
     lmforge generate runs/my-model --prompts "Once upon a time" --sampling.temperature 0
     lmforge generate runs/my-model --prompt_file prompts.jsonl --format jsonl --output out.jsonl
     lmforge chat runs/my-model --system "Answer in French."
+
+With several prompts, `--format text` prints each completion after its prompt in [brackets], one record
+per prompt, separated by a line of dashes; with one prompt, the completion alone, streamed as it is decoded.
+A completion is the text that follows its prompt, so it keeps its first space (" is ..." after "The module").
 """
 
 from __future__ import annotations
@@ -20,22 +24,47 @@ from lmforge.infer.generate import GenerationError, generate_stream
 from lmforge.infer.sampling import SamplingParams
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+SEPARATOR = "-" * 40  # between the records of several prompts in --format text
 
 
 def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype | None):
-    from lmforge.models.checkpoint import load_model
+    from lmforge.devices import resolve_device
+    from lmforge.models.checkpoint import check_model_folder, load_model
     from lmforge.tokenizer.tokenizer import Tokenizer
 
-    model = Path(model)
+    dev = resolve_device(device)
+    model = check_model_folder(model)  # what is wrong with the model path comes before the tokenizer
     tok_path = Path(tokenizer) if tokenizer is not None else model / "tokenizer.model"
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer: {tok_path} does not exist (pass --tokenizer PATH/tokenizer.model)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
+    net = load_model(model, device=dev, dtype=getattr(torch, dtype) if dtype else None).eval()
     tok = Tokenizer(tok_path)
     if tok.vocab_size > net.config.vocab_size:
         raise GenerationError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, the model only {net.config.vocab_size}")
     return net, tok
+
+
+def _context_note(lengths: list[int], sampling: SamplingParams, config) -> str | None:
+    """The one line that says max_new_tokens will be cut short by a full-attention model's context, or None.
+
+    Prompt and output share the context: a prompt of L tokens leaves max_seq_len - L new tokens at most.
+    """
+    if config.sliding_window is not None:
+        return None
+    rooms = [config.max_seq_len - n for n in lengths]
+    short = [i for i, room in enumerate(rooms) if room < sampling.max_new_tokens]
+    if not short:
+        return None
+    i = min(short, key=lambda j: rooms[j])
+    others = f" ({len(short)} prompts are limited)" if len(short) > 1 else ""
+    return (f"note: max_new_tokens {sampling.max_new_tokens} is more than the context leaves: the model's context "
+            f"is {config.max_seq_len} tokens, prompt included, so prompt {i + 1} ({lengths[i]} tokens) gets at "
+            f"most {rooms[i]} new tokens{others}")
+
+
+def _prompt_label(item: str | list[dict]) -> str:
+    """How a prompt is shown before its completion: the text, or a dialogue's last message."""
+    return item if isinstance(item, str) else str(item[-1].get("content", "")) if item else ""
 
 
 def _read_prompts(prompts: list[str] | str | None, prompt_file: Path | None) -> list[str | list[dict]]:
@@ -98,7 +127,7 @@ def generate_cli(
         batch_size: prompts generated together.
         prefill_chunk: pre-fill chunk size (default: the window of a sliding-window model, else the prompt).
         decode_mode: eager, compile, cuda_graph or compile+cuda_graph (the graph modes need CUDA).
-        device: cuda or cpu (default: cuda when available).
+        device: cpu, cuda or cuda:N (default: cuda when available).
         dtype: cast the weights (default: as stored).
         tensor_parallel: split the attention and feed-forward weights over this many processes, for a model
             too large for one GPU: `torchrun --nproc_per_node N -m lmforge.cli generate ... --tensor_parallel N`.
@@ -118,6 +147,9 @@ def generate_cli(
     else:
         stream_text_allowed = True
     ids = [_encode(tok, item, chat, system) for item in items]
+    note = _context_note([len(i) for i in ids], sampling, net.config)
+    if note is not None and rank == 0:
+        print(f"lmforge: {note}", file=sys.stderr)
     stream_text = stream_text_allowed and format == "text" and output is None and len(items) == 1
 
     def records():
@@ -145,8 +177,11 @@ def generate_cli(
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             elif stream_text:
                 f.write("\n")
+            elif len(items) == 1:
+                f.write(rec["text"] + "\n")
             else:
-                f.write(("\n" if rec["index"] else "") + rec["text"] + "\n")
+                head = SEPARATOR + "\n" if rec["index"] else ""
+                f.write(f"{head}[{_prompt_label(rec['prompt'])}]{rec['text']}\n")
 
     if output is None:
         write(sys.stdout)
@@ -164,9 +199,10 @@ def _join_tensor_parallel(tp: int, device: str | None) -> int:
         return 0
     if tp < 1:
         raise GenerationError(f"tensor_parallel must be >= 1, got {tp}")
+    from lmforge.devices import resolve_device
     from lmforge.parallel import init_distributed
 
-    device_type = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    device_type = resolve_device(device).type
     rank, world = init_distributed(device_type)
     if world != tp:
         raise GenerationError(f"--tensor_parallel {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); "
@@ -209,7 +245,7 @@ def chat(
     device: str | None = None,
     dtype: Dtype | None = None,
 ) -> None:
-    """Chat with a model in the terminal, in Llama 2's chat format ([INST] ... [/INST]).
+    """Chat with a model in the terminal (Llama 2 chat format); /reset starts a new dialogue, /exit quits.
 
     Reads one user message per line from standard input and streams each answer. Commands: /reset starts
     a new dialogue, /exit (or end of input) quits. When the dialogue outgrows a full-attention model's
@@ -221,13 +257,16 @@ def chat(
         system: the system message of the dialogue.
         sampling: sampling parameters of every answer.
         decode_mode: eager, compile, cuda_graph or compile+cuda_graph (the graph modes need CUDA).
-        device: cuda or cpu (default: cuda when available).
+        device: cpu, cuda or cuda:N (default: cuda when available).
         dtype: cast the weights (default: as stored).
     """
     from lmforge.tokenizer.chat import encode_chat
 
     net, tok = _load(model, tokenizer, device, dtype)
+    print(f"chatting with {model} (Llama 2 chat format): type a message and press Enter; /reset starts a new "
+          "dialogue, /exit quits", file=sys.stderr)
     head = [{"role": "system", "content": system}] if system else []
+    noted = False
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     # NOTE: each turn re-encodes and pre-fills the whole dialogue (no cache kept between turns): Llama 2's
@@ -252,12 +291,18 @@ def chat(
             history = history[2:]  # drop the oldest exchange
             print("(dropped the oldest exchange to fit the context)", file=sys.stderr)
             ids = encode_chat(tok, head + history, add_generation_prompt=True).ids
+        note = None if noted else _context_note([len(ids)], sampling, net.config)
+        if note is not None:
+            print(f"({note})", file=sys.stderr)
+            noted = True
         print("assistant> " if interactive else "", end="", flush=True)
         answer = ""
         try:
             for e in generate_stream(net, tok, [ids], sampling, decode_mode=decode_mode):
-                answer += e.text
-                print(e.text, end="", flush=True)
+                # NOTE: an answer follows "[/INST]" with a space, part of the format: not shown
+                text = e.text if answer else e.text.lstrip()
+                answer += text
+                print(text, end="", flush=True)
         except GenerationError as err:  # e.g. one message longer than the whole context
             history.pop()
             print(f"(error: {err})", flush=True)

@@ -14,6 +14,13 @@ Worked example, ids decoding as ["\u2581Hel", "lo", "\u2581w", "orld"]: step 1 e
 piece), step 2 emits "lo", step 3 decodes "lo w" after prefix "lo" and emits " w", step 4 emits "orld":
 the concatenation "Hello world" is decode(all ids).
 
+A continuation is decoded in the context of its prompt: `TextStream(tok, context=prompt_ids[-6:])` starts with
+the prompt's last ids already read, so the first new piece is decoded after them and keeps its space. Worked
+example, prompt "The module" = [<s>, "\u2581The", "\u2581module"], next piece "\u2581is": without context the
+first text is "is"; with it, prefix = decode(["\u2581module"]) = "module", full = "module is", new text " is",
+and prompt text + continuation text reads "The module is". (After a prompt of <s> alone the piece starts the
+document, and its leading space is SentencePiece's dummy prefix: dropped, as decode(all ids) drops it.)
+
 Stop strings may span tokens, so they are searched in the accumulated text, from the last
 `len(stop) - 1` characters before the new text on. Streamed text holds back any suffix that could still
 become a stop string: text "Hello wor" with stop "world" emits "Hello " and keeps "wor" until the next token
@@ -48,13 +55,14 @@ class TextStream:
     """The text of one generated sequence, grown token by token, with stop-string detection.
 
     `add(token_id)` returns the newly safe text (possibly "") and whether a stop string completed; `finish()`
-    returns whatever was held back. `text` is the text so far (after a stop: up to the stop string).
+    returns whatever was held back. `text` is the text so far (after a stop: up to the stop string). `context`:
+    ids that come before the stream (the end of the prompt), read but never part of `text`.
     """
 
-    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = (), context: Sequence[int] = ()):
         self.tokenizer, self.stop = tokenizer, list(stop)
-        self.ids: list[int] = []
-        self.prefix_offset = self.read_offset = 0
+        self.ids: list[int] = [int(i) for i in context]
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
         self.text = ""  # decoded text, complete characters only
         self.emitted = 0  # characters of `text` already returned by add()
         self.stopped = False

@@ -31,6 +31,9 @@ from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
 from lmforge.models.transformer import Transformer
 
 
+CONTEXT_IDS = 6  # prompt ids a continuation's text is decoded after (detokenize.py; vLLM reads 5 or 6 too)
+
+
 class GenerationError(ValueError):
     """A request that cannot be generated (bad prompt, prompt too long for the context)."""
 
@@ -50,8 +53,9 @@ class TokenEvent:
 @dataclass
 class GenerationResult:
     """A finished sequence. `token_ids` holds every generated token, the one that ended it included
-    (an end-of-sequence / stop token id, or the token that completed a stop string); `text` stops before the
-    stop string and never contains stop tokens."""
+    (an end-of-sequence / stop token id, or the token that completed a stop string); `text` is what the
+    continuation adds to the prompt's text (" is ..." after "The module": its first space kept), stops before
+    the stop string and never contains stop tokens."""
 
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -169,7 +173,9 @@ def generate_stream(
     # the padding ids, which the tokenizer could not decode: logits are cut to the tokenizer's vocabulary.
     n_vocab = min(config.vocab_size, getattr(tokenizer, "vocab_size", None) or config.vocab_size)
     batch = SamplingBatch(params, prompts, n_vocab, device)
-    texts = [TextStream(tokenizer, p.stop) if tokenizer is not None else None for p in params]
+    # The end of each prompt is the context of its text, so that a continuation's first space is kept.
+    texts = [TextStream(tokenizer, p.stop, context=prompt[-CONTEXT_IDS:]) if tokenizer is not None else None
+             for p, prompt in zip(params, prompts)]
     stops = [set(p.stop_token_ids) | ({eos_id} if eos_id is not None and not p.ignore_eos else set()) for p in params]
     n_new = [0] * B
     finished = [False] * B

@@ -57,7 +57,8 @@ class SamplingParams:
             logit / r if the logit is positive, logit * r if not (1: off).
         frequency_penalty: in [-2, 2]; subtract penalty * (times the token was generated) (OpenAI).
         presence_penalty: in [-2, 2]; subtract penalty once if the token was generated at all (OpenAI).
-        seed: None or an integer in [0, 2**63); per-request random seed (see the module docstring).
+        seed: None or an integer in [0, 2**63); this request's own random generator, so that its tokens are
+            the same alone or batched with others (None: torch's global generator).
         stop: strings that end the generation when they appear in the text (also across token boundaries);
             the stop string itself is not part of the returned text.
         stop_token_ids: token ids that end the generation (the tokenizer's end-of-sequence id always does,

@@ -6,12 +6,12 @@ Tk key positions, D head dim, W sliding window.
 The mask rule, in one place. Query at position i may attend to the key at position j when
 
     j <= i                      (causal)
-    i - W < j                   (sliding window, if any: W keys including itself, REFERENCE.md section 1)
+    i - W < j                   (sliding window, if any: W keys including itself, as in Hugging Face and vLLM)
     doc(i) == doc(j)            (document masking in packed training sequences, if asked)
 
 Worked example, W = 3: query 5 sees keys 3, 4, 5; query 1 sees keys 0, 1 (min(i + 1, W) keys).
 
-Three implementations compute the same function (STYLE.md item 6; tests/models/test_attention.py):
+Three implementations compute the same function (tests/models/test_attention.py checks that they agree):
 `reference_attention` (explicit scores and softmax, the readable one), `sdpa_attention`
 (`F.scaled_dot_product_attention`, flash kernels on CUDA when no mask is needed) and `flex_attention_causal`
 (FlexAttention with a block-sparse mask, the fast sliding-window / document path on CUDA; it is compiled and

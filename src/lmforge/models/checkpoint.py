@@ -4,11 +4,16 @@
       config.json                      ModelConfig plus {"format": "lmforge/1"}
       model.safetensors                reference parameter names (tok_embeddings, layers.N.attention.wq, ...)
       tokenizer.model                  SentencePiece model, if one was given
+      .lmforge-output                  the marker of a folder lmforge wrote (lmforge.io's output rule)
     or, when the weights pass `max_shard_bytes`:
       model-00001-of-00003.safetensors ... and model.safetensors.index.json {"weight_map": {name: file}}
 
 Loading never unpickles: weights are safetensors; Meta `.pth` files go through `torch.load(weights_only=True)`
 in `convert.py`. `load_model` also accepts Hugging Face and Meta folders and converts them on the fly.
+`check_model_folder` says what is wrong with a path that is not a model folder, before anything is loaded.
+
+NOTE: the tokenizer file is copied as bytes, never read: the model package knows no text (the export of a
+model together with its tokenizer lives in `lmforge.export`).
 """
 
 from __future__ import annotations
@@ -18,18 +23,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from lmforge.io import atomic_dir
+from lmforge.io import output_dir
+from lmforge.models import convert
 from lmforge.models.config import ModelConfig
+from lmforge.models.files import (  # noqa: F401 - CheckpointError and INDEX_NAME are this module's API too
+    INDEX_NAME,
+    CheckpointError,
+    load_safetensors_folder,
+    read_config_json,
+    write_safetensors_folder,
+)
 from lmforge.models.transformer import Transformer
-
-INDEX_NAME = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or state dict that does not match the model it should describe."""
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -70,6 +75,7 @@ def save_model(
     path: str | Path,
     *,
     tokenizer_path: str | Path | None = None,
+    overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -77,61 +83,39 @@ def save_model(
 ) -> Path:
     """Write `model` to the folder `path` in our format, atomically (the folder appears complete or not at all).
 
-    `state_dict` replaces `model.state_dict()`, e.g. the full tensors gathered from a sharded model.
+    `path` must be missing, empty, or (with `overwrite`) a folder lmforge wrote; any other folder is refused
+    (OutputExistsError), so nothing of the user's is ever replaced. `state_dict` replaces `model.state_dict()`,
+    e.g. the full tensors gathered from a sharded model.
     """
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to(dtype=dtype or v.dtype).cpu().contiguous() for k, v in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    with atomic_dir(path) as tmp:
+    with output_dir(path, "save_model", overwrite, flag="overwrite=True") as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(tqdm(shards, desc="writing shards", disable=not progress)):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_safetensors_folder(state, tmp, max_shard_bytes, progress)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     return Path(path)
 
 
-def load_safetensors_folder(path: Path, progress: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors`, or of every shard listed in `model.safetensors.index.json`."""
-    if (path / INDEX_NAME).exists():
-        files = sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{path} holds neither model.safetensors nor {INDEX_NAME}")
-    state: dict[str, torch.Tensor] = {}
-    for fname in tqdm(files, desc="reading shards", disable=not progress or len(files) == 1):
-        if not (path / fname).exists():
-            raise CheckpointError(f"{path / fname} is listed in the index but missing")
-        state.update(load_file(path / fname))
-    return state
+def check_model_folder(path: str | Path) -> Path:
+    """`path` as a Path if it looks like a model folder `load_model` reads; else a CheckpointError saying why.
 
-
-def read_config_json(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path} has no config.json (and no params.json of a Meta checkpoint)")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    Only names are checked (config.json, or Meta's params.json); the contents are checked when loading. A run
+    folder of `lmforge pretrain` (its model is in RUN/model) gets the hint "did you mean RUN/model?".
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} is not a folder: it does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a model folder (config.json and weights)")
+    if (path / "config.json").is_file() or (path / "params.json").is_file():
+        return path
+    inner = path / "model"
+    if (inner / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a model folder (it has no config.json) but holds one in {inner}: "
+                              f"did you mean {inner}?")
+    raise CheckpointError(f"{path} is not a model folder: it has no config.json (ours or Hugging Face's) and no "
+                          "params.json (Meta's)")
 
 
 def require_head(config: ModelConfig, head: str | None, source: str) -> None:
@@ -139,8 +123,8 @@ def require_head(config: ModelConfig, head: str | None, source: str) -> None:
     if head is None or config.head == head:
         return
     if head == "reward":
-        raise CheckpointError(f"{source} is a language model (next-token head), not a reward model: train one with "
-                              "`lmforge rm train --init_from` this folder")
+        raise CheckpointError(f"{source} is a language model (a next-token head), not a reward model: train a reward "
+                              f"model from it with `lmforge rm train {source}`")
     raise CheckpointError(f"{source} is a reward model (one score per sequence), not a language model: it cannot "
                           "generate or be fine-tuned as one; score with it (`lmforge rm score`) instead")
 
@@ -153,11 +137,7 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, 
     prediction), "reward" (a reward model: ours, or a Hugging Face *ForSequenceClassification folder), or None
     (either, e.g. `convert`). A folder of the other kind is one CheckpointError saying what it is.
     """
-    from lmforge.models import convert  # convert imports this module
-
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder")
+    path = check_model_folder(path)
     if (path / "params.json").exists() and not (path / "config.json").exists():
         config, state = convert.read_meta_folder(path)
         require_head(config, head, str(path))

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass for Llama 2, Mistral and sparse-MoE models, plus named presets.
 
-Variants are optional sub-configs chosen at construction (STYLE.md item 5): `sliding_window` (Mistral) is an
-int or None, `moe` (Mixtral) is a `MoEConfig` or None. Derived fields (`n_kv_heads` defaulting to
+Variants are optional sub-configs chosen at construction, never flags tested in `forward`: `sliding_window`
+(Mistral) is an int or None, `moe` (Mixtral) is a `MoEConfig` or None. Derived fields (`n_kv_heads` defaulting to
 `n_heads`, `head_dim`) are filled and validated in `__post_init__`, so a bad config fails where it is made,
 not deep inside a matrix product.
 """
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MoEConfig:
-    """Sparse mixture of experts replacing the feed-forward block (Mixtral, REFERENCE.md section 1).
+    """Sparse mixture of experts replacing the feed-forward block (Mixtral: 8 experts, top-2).
 
     `y = sum over the top_k experts e of softmax(top_k(x W_g))_e * SwiGLU_e(x)`; the softmax runs over the
     k selected router logits only. Training adds `aux_loss_coef * load_balance + z_loss_coef * z_loss`.
@@ -146,8 +146,8 @@ class ModelConfig:
         return cls(**data)
 
 
-# Presets, looked up by exact name. Shapes from REFERENCE.md section 1; the parameter counts there are
-# tested against models built on the meta device (tests/models/test_config.py).
+# Presets, looked up by exact name. Shapes from the papers and the released configs named below; each real
+# preset's exact parameter count is tested against a model built on the meta device (tests/models/test_config.py).
 PRESETS: dict[str, ModelConfig] = {
     # Llama 2 (Touvron et al. 2023), table 1 and the released params.json files.
     "llama2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, ffn_dim=11008),

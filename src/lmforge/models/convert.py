@@ -1,33 +1,38 @@
 """Hugging Face and Meta / Mistral checkpoint interop through one declarative name map.
 
-Our names are Meta's (STYLE.md item 3), so a Meta / Mistral `consolidated.*.pth` needs no renaming, only
-per-expert stacking for Mixtral and concatenation of model-parallel shards. Hugging Face folders go through
-`NAME_MAP` below plus the rotary permutation of the q and k projections:
+Our names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, ...), so a Meta / Mistral
+`consolidated.*.pth` needs no renaming, only per-expert stacking for Mixtral and concatenation of model-parallel
+shards. Hugging Face folders go through `NAME_MAP` below plus the rotary permutation of the q and k projections:
 
 Meta rotates adjacent pairs (x[2p], x[2p+1]) of each head; Hugging Face rotates halves (x[p], x[p + D/2]).
 The rows of wq (and wk, with Hkv heads) are reordered so both compute the same function. Worked example,
 one head with D = 4: Meta row order [p0.re, p0.im, p1.re, p1.im] = rows [0, 1, 2, 3] becomes Hugging Face
 order [p0.re, p1.re, p0.im, p1.im] = rows [0, 2, 1, 3].
+
+A Hugging Face folder written here (`save_hf_folder`) is what vLLM and transformers load: config.json
+(LlamaForCausalLM, MistralForCausalLM with its sliding_window, or MixtralForCausalLM), generation_config.json
+(the ids that start and end a sequence: <s> = 1, </s> = 2 in these families), and the weights under Hugging
+Face's names. The tokenizer files are added by `lmforge.export`, which knows about text; this module does not.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
-from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-from lmforge.models.checkpoint import (
+from lmforge.io import output_dir
+from lmforge.models.config import ConfigError, ModelConfig, MoEConfig
+from lmforge.models.files import (
     CheckpointError,
     load_safetensors_folder,
+    read_checkpoint_json,
     read_config_json,
-    save_model,
+    write_safetensors_folder,
 )
-from lmforge.models.config import ConfigError, ModelConfig, MoEConfig
-from lmforge.io import atomic_dir
 
 # (our name, Hugging Face name, rotary permutation). {i}: layer index; {e}: expert index, stacked along
 # dim 0 on our side (our `feed_forward.w1` is (E, f, d); HF holds E tensors of (f, d)).
@@ -176,7 +181,8 @@ def hf_config_to_model_config(hf: dict, source: str = "config.json") -> ModelCon
     )
 
 
-def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_id: int = 1,
+                              eos_id: int = 2) -> dict:
     """A `config.json` that transformers 5 and vLLM both read. Architecture: Mixtral if MoE, Mistral if a
     sliding window (it is always written, null when absent), else Llama. `rope_theta` stays top-level for vLLM."""
     arch = "MixtralForCausalLM" if config.moe else "MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"
@@ -200,8 +206,8 @@ def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.fl
         "attention_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "use_cache": True,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
@@ -226,30 +232,37 @@ def read_hf_folder(path: Path, progress: bool = False) -> tuple[ModelConfig, dic
     return config, from_hf_state_dict(load_safetensors_folder(path, progress), config, str(path))
 
 
-def save_hf_folder(model, path: str | Path, *, tokenizer_path: str | Path | None = None, dtype=None) -> Path:
-    """Export `model` as a Hugging Face folder (config.json + model.safetensors [+ tokenizer]), atomically."""
-    from safetensors.torch import save_file
+def hf_generation_config(bos_id: int = 1, eos_id: int = 2, pad_id: int | None = None) -> dict:
+    """`generation_config.json`: the ids generation starts with, stops at (vLLM and transformers read eos from
+    here) and pads with, if the tokenizer has a pad piece (Llama 2's and Mistral's have none)."""
+    config = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    if pad_id is not None and pad_id >= 0:
+        config["pad_token_id"] = pad_id
+    return config
 
+
+def write_hf_files(model, folder: Path, dtype: torch.dtype | None = None, *, bos_id: int = 1, eos_id: int = 2,
+                   pad_id: int | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json, generation_config.json and the weights (Hugging Face names) into the existing
+    `folder` (no atomicity or output rule here: the callers' `output_dir` gives both)."""
     dtype = dtype or next(model.parameters()).dtype
     state = {k: v.detach().to(dtype).cpu() for k, v in model.state_dict().items()}
     hf_state = to_hf_state_dict(state, model.config)
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model_config_to_hf_config(model.config, dtype), indent=2) + "\n")
-        save_file(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
-        if tokenizer_path is not None:
-            _write_hf_tokenizer(tokenizer_path, tmp)
+    config = model_config_to_hf_config(model.config, dtype, bos_id, eos_id)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(hf_generation_config(bos_id, eos_id, pad_id),
+                                                              indent=2) + "\n")
+    write_safetensors_folder(hf_state, folder, max_shard_bytes)
+
+
+def save_hf_folder(model, path: str | Path, *, overwrite: bool = False, dtype: torch.dtype | None = None,
+                   max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Export `model` as a Hugging Face folder (`write_hf_files`), atomically, under lmforge's output rule:
+    `path` must be missing, empty or (with `overwrite`) a folder lmforge wrote. With a tokenizer:
+    `lmforge.export.export_hf`."""
+    with output_dir(path, "save_hf_folder", overwrite, flag="overwrite=True") as tmp:
+        write_hf_files(model, tmp, dtype, max_shard_bytes=max_shard_bytes)
     return Path(path)
-
-
-def _write_hf_tokenizer(tokenizer_path: str | Path, folder: Path) -> None:
-    try:
-        from lmforge.tokenizer.hf_export import export_hf_tokenizer
-    except ImportError:  # the tokenizer package predates its HF export: copy the model file alone
-        import shutil
-
-        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
-        return
-    export_hf_tokenizer(tokenizer_path, folder)
 
 
 # Meta / Mistral `consolidated.NN.pth`: model-parallel shards split these along dim 0 (column-parallel)
@@ -260,11 +273,11 @@ _META_CAT_DIM1 = ("attention.wo.weight", "w2.weight", "tok_embeddings.weight")
 
 def read_meta_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read `params.json` + `consolidated.*.pth` (loaded with weights_only=True: no arbitrary unpickling)."""
-    params = json.loads((path / "params.json").read_text())
+    params = read_checkpoint_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path} has params.json but no consolidated.*.pth")
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    shards = [_load_pth(f) for f in files]
     state = {}
     for name in shards[0]:
         if name == "rope.freqs":  # a precomputed table in Llama 2 files; we compute angles on the fly
@@ -303,33 +316,11 @@ def read_meta_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def convert(
-    src: Path,
-    dst: Path,
-    to: Literal["lmforge", "hf"] = "lmforge",
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-) -> None:
-    """Convert a checkpoint folder between our format, Hugging Face and Meta / Mistral.
 
-    Args:
-        src: our folder, a Hugging Face Llama / Mistral / Mixtral folder, or a Meta folder (params.json +
-            consolidated.*.pth).
-        dst: output folder; written under a temporary name and renamed when complete.
-        to: "lmforge" (our safetensors format) or "hf" (a folder transformers and vLLM load).
-        dtype: cast the weights; default keeps the source dtype.
-    """
-    from lmforge.models.checkpoint import load_model
-
-    src, dst = Path(src), Path(dst)
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    with tqdm(total=2, desc=f"convert -> {to}", unit="step") as bar:
-        model = load_model(src, dtype=torch_dtype, progress=True)
-        bar.update()
-        tokenizer = src / "tokenizer.model"
-        tokenizer = tokenizer if tokenizer.exists() else None
-        if to == "hf":
-            save_hf_folder(model, dst, tokenizer_path=tokenizer)
-        else:
-            save_model(model, dst, tokenizer_path=tokenizer, progress=True)
-        bar.update()
-    print(f"wrote {dst} ({to}, {model.num_parameters():,} parameters)")
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one `.pth` file (weights_only=True: tensors and plain containers only, no code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read as a PyTorch weights file ({first})") from None

@@ -18,7 +18,8 @@ shapes), for training and pre-fill; and `experts_gathered`, which gathers each t
 for decoding a few tokens (static shapes, capturable in a CUDA graph, reads only the chosen experts).
 No token is ever dropped for capacity.
 
-Training losses (REFERENCE.md section 1), returned from every call, never kept in global state:
+Training losses (Switch Transformer's load balance, ST-MoE's router z-loss), returned from every call, never
+kept in global state:
 
     load_balance = E * sum_e f_e * P_e     f_e: share of the N * k assignments that go to e (sums to 1)
                                            P_e: mean router probability of e over the N tokens

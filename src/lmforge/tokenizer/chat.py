@@ -1,4 +1,4 @@
-"""The Llama 2 chat format on token ids, with the SFT loss mask (REFERENCE.md section 2).
+"""The Llama 2 chat format on token ids, with the SFT loss mask (Meta's reference encoding).
 
 A dialogue is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`: an optional
 system message first, then user and assistant messages alternating, starting with the user. The system

@@ -38,10 +38,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmforge.io import atomic_file
 from lmforge.tokenizer.chat import CHAT_TEMPLATE
 from lmforge.tokenizer.tokenizer import TokenizerError
 
@@ -100,10 +100,13 @@ def export_hf_tokenizer(
         ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2)),
         ("special_tokens_map.json", json.dumps(special_map, ensure_ascii=False, indent=2)),
     ):
-        written.append(_write_atomic(out / name, lambda f, text=text: f.write((text + "\n").encode("utf-8"))))
+        with atomic_file(out / name, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        written.append(str(out / name))
     if not (out / "tokenizer.model").exists() or not os.path.samefile(src, out / "tokenizer.model"):
-        with open(src, "rb") as s:
-            written.append(_write_atomic(out / "tokenizer.model", lambda f: shutil.copyfileobj(s, f)))
+        with open(src, "rb") as s, atomic_file(out / "tokenizer.model") as f:
+            shutil.copyfileobj(s, f)
+        written.append(str(out / "tokenizer.model"))
     return written
 
 
@@ -211,15 +214,3 @@ def _load_proto(path: Path) -> Any:
     if not proto.pieces:
         raise TokenizerError(f"{path} is not a SentencePiece model: it has no pieces")
     return proto
-
-
-def _write_atomic(path: Path, write: Any) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(path)

@@ -1,4 +1,5 @@
-"""`lmforge tokenizer train`: a SentencePiece BPE tokenizer with Llama 2's settings (REFERENCE.md section 2).
+"""`lmforge tokenizer train`: a SentencePiece BPE tokenizer with Llama 2's settings (vocabulary 32,000, digits
+split, byte fallback, <unk> <s> </s> = 0 1 2).
 
 The trainer specification below is the one stored in Llama 2's own tokenizer.model (print it with
 `sentencepiece_model_pb2.ModelProto.FromString(data).trainer_spec`), minus what only concerns Meta's run
@@ -28,7 +29,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from lmforge.data.sources import DataError, iter_documents, resolve_sources
+from lmforge.io import claim_output_dir, output_dir
 from lmforge.tokenizer.tokenizer import Tokenizer, TokenizerError
 
 MODEL_FILE = "tokenizer.model"
@@ -69,7 +71,7 @@ LLAMA2_SPEC = dict(
 
 def train_tokenizer(
     data: list[str] | str | None = None,
-    out_dir: str = "tokenizer",
+    out_dir: str = "runs/tokenizer",
     vocab_size: int = 32000,
     text_field: str = "text",
     user_defined_symbols: list[str] | None = None,
@@ -88,7 +90,8 @@ def train_tokenizer(
         data: a path or a list of paths ("--data a.txt", "--data [a.txt,b.jsonl]" or "--data+ a --data+ b"):
             text files (.txt, .md, any name), .jsonl, .parquet, folders (walked recursively) or Hugging Face
             datasets saved with save_to_disk. None: the embedded corpus (pydoc topics + stdlib docstrings).
-        out_dir: folder to write tokenizer.model (and tokenizer_train.json, the arguments and corpus stats).
+        out_dir: folder to write tokenizer.model (and tokenizer_train.json, the arguments and corpus stats);
+            it must be missing, empty or a folder lmforge wrote (replaced only with --overwrite true).
         vocab_size: number of pieces, including <unk> <s> </s> and the 256 byte pieces (Llama 2: 32000).
         text_field: the jsonl field, parquet column or dataset column holding the text.
         user_defined_symbols: extra pieces always kept whole when they occur in text (e.g. "<tool>").
@@ -98,7 +101,7 @@ def train_tokenizer(
         max_sentence_length: longest line used for training, in bytes; longer lines are skipped.
         num_threads: trainer threads (default: all cores).
         seed: seed of SentencePiece's sampling and shuffling of lines.
-        overwrite: replace an existing OUT_DIR/tokenizer.model.
+        overwrite: replace OUT_DIR if lmforge wrote it (a folder of anything else is never replaced).
         verbose: show SentencePiece's own training log.
 
     Returns:
@@ -106,8 +109,7 @@ def train_tokenizer(
     """
     out = Path(out_dir)
     model_path = out / MODEL_FILE
-    if model_path.exists() and not overwrite:
-        raise FileExistsError(f"{model_path} exists; pass overwrite=True (--overwrite true) to replace it")
+    claim_output_dir(out, overwrite)  # before training: a refusal should not cost the training time
     symbols = [*(user_defined_symbols or []), *(control_symbols or [])]
     clash = sorted({"<unk>", "<s>", "</s>"} & set(symbols)) or sorted({s for s in symbols if symbols.count(s) > 1})
     if clash:
@@ -179,22 +181,12 @@ def train_tokenizer(
         "sentencepiece": spm.__version__,
         "spec": LLAMA2_SPEC,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(model_path, model.getvalue())
-    info["sha256"] = Tokenizer(model_path).sha256
-    _write_atomic(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    with output_dir(out, "tokenizer train", overwrite) as tmp:
+        (tmp / MODEL_FILE).write_bytes(model.getvalue())
+        tok = Tokenizer(tmp / MODEL_FILE)
+        info["sha256"] = tok.sha256
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    size = len(model.getvalue())
+    print(f"wrote {model_path}: {tok.vocab_size} pieces, {size / 1024:.0f} KiB, trained on "
+          f"{stats['lines']:,} lines ({stats['bytes'] / 1e6:.1f} MB) in {info['seconds']:.1f} s", file=sys.stderr)
     return str(model_path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path` (readers never see half)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -69,6 +69,12 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def split_batch_count(loader, max_batches: int | None = None) -> int:
+    """How many batches `split_batches(loader, max_batches)` yields (global batches, the last one partial)."""
+    n = math.ceil(loader.num_samples / (loader.batch_size * loader.world_size))
+    return n if max_batches is None else min(n, max_batches)
+
+
 def split_batches(loader, max_batches: int | None = None) -> Iterator:
     """Each sample of an unshuffled `PackedLoader`'s first epoch at most once: this rank's share of every
     global batch, the last one cut short (and skipped where this rank has no row left), or only the first
@@ -79,8 +85,7 @@ def split_batches(loader, max_batches: int | None = None) -> Iterator:
     rank 1 keeps position 9.
     """
     B, W, S = loader.batch_size, loader.world_size, loader.num_samples
-    n = math.ceil(S / (B * W))
-    for _ in range(n if max_batches is None else min(n, max_batches)):
+    for _ in range(split_batch_count(loader, max_batches)):
         first = loader.cursor + loader.rank  # cursor position of this rank's row 0; row k is first + k * W
         batch = next(loader)
         rows = min(B, max(0, math.ceil((S - first) / W)))
@@ -112,21 +117,30 @@ def evaluate(
         seq_len: Tokens per sample; None uses the model's max_seq_len.
         batch_size: Samples per forward pass.
         max_batches: Stop after this many batches (None: the whole split).
-        device: "cpu", "cuda", ...; None picks CUDA when available.
+        device: "cpu", "cuda" or "cuda:N"; None picks CUDA when available.
         precision: "auto" is bf16 autocast on CUDA, fp32 on the CPU.
         document_masking: Attend only within each document (as a model trained with it expects).
     """
+    from tqdm import tqdm
+
     from lmforge.data import PackedLoader
     from lmforge.data.shards import read_manifest
-    from lmforge.models.checkpoint import load_model
+    from lmforge.devices import resolve_device
+    from lmforge.models.checkpoint import check_model_folder, load_model
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
+    check_model_folder(model)
+    manifest = read_manifest(data)  # before loading the weights: a wrong data folder fails fast
     net = load_model(model, device=dev, dtype=torch.float32)
-    check_vocabulary(read_manifest(data), net.config.vocab_size, data)
+    check_vocabulary(manifest, net.config.vocab_size, data)
+    if seq_len is not None and seq_len > net.config.max_seq_len:
+        # the same refusal as pretrain and generate: positions past max_seq_len were never trained
+        raise ValueError(f"seq_len ({seq_len}) exceeds the model's max_seq_len ({net.config.max_seq_len})")
     loader = PackedLoader(data, split=split, seq_len=seq_len or net.config.max_seq_len, batch_size=batch_size,
                           shuffle=False)
-    loss, tokens = evaluate_loss(net, split_batches(loader, max_batches), device=dev, precision=precision,
-                                 document_masking=document_masking)
+    batches = tqdm(split_batches(loader, max_batches), desc=f"eval [{split}]", unit=" batches",
+                   total=split_batch_count(loader, max_batches))
+    loss, tokens = evaluate_loss(net, batches, device=dev, precision=precision, document_masking=document_masking)
     result = {"model": str(model), "data": str(data), "split": split, "loss": loss, "perplexity": perplexity(loss),
               "tokens": tokens}
     print(f"{model} on {data} [{split}]: loss {loss:.4f}, perplexity {perplexity(loss):.3f} over {tokens:,} tokens")

@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from lmforge.devices import resolve_device
 from lmforge.io import atomic_file, claim_output_dir, is_lmforge_output, write_marker
 from lmforge.parallel import DataParallelRank, clip_grad_norm_, data_parallel_rank, init_distributed, training_mesh
 from lmforge.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -88,27 +89,12 @@ class Placement:
     dp: DataParallelRank
 
 
-def resolve_train_device(spec: str | None) -> torch.device:
-    """The training device: `spec` ("cpu", "cuda", "cuda:1"), or CUDA when available. A CUDA device asked for on
-    a machine without one is refused in one line."""
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise TrainConfigError(f"train.device: {spec!r} is not a device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainConfigError(f"train.device is {spec!r} but this machine has no CUDA device (torch "
-                               f"{torch.__version__}); use --train.device cpu")
-    return device
-
-
 def place_training(train: Any, tensor_parallel: int = 1) -> Placement:
     """Join torchrun's process group if there is one, build the (dp, tp) mesh and seed every generator.
 
     `train`: the recipe's train config (fields device, seed, threads, deterministic; see config.TrainBase).
     """
-    device = resolve_train_device(train.device)
+    device = resolve_device(train.device)
     rank, world_size = init_distributed(device.type)  # (0, 1) without torchrun
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -426,6 +412,6 @@ def export_model(run: Run, model: nn.Module, tokenizer: str | Path | None, name:
         save_lora(model, run.dir / "adapter", state=adapters, overwrite=True)
         full_state = merge_adapters(base_state_dict(full_state), adapters, lora.scale)
         tqdm.write(f"saved the adapters to {run.dir / 'adapter'}")
-    save_model(model, path, tokenizer_path=tokenizer, state_dict=full_state)
+    save_model(model, path, tokenizer_path=tokenizer, state_dict=full_state, overwrite=True)
     tqdm.write(f"saved the trained model to {path}")
     return path

@@ -1,7 +1,7 @@
 """AdamW with decay / no-decay parameter groups, and the cosine learning-rate schedule of Llama 2.
 
-REFERENCE.md section 3: AdamW (beta1 0.9, beta2 0.95, eps 1e-5), weight decay 0.1, 2000 warm-up steps, cosine
-decay to 10% of the peak learning rate, gradient clipping at 1.0.
+Llama 2's published recipe: AdamW (beta1 0.9, beta2 0.95, eps 1e-5), weight decay 0.1, 2000 warm-up steps,
+cosine decay to 10% of the peak learning rate, gradient clipping at 1.0.
 
 Notation: s the optimizer step (0 for the first update), W warm-up steps, S decay steps (the run's total by
 default), peak the peak learning rate, floor = min_lr_ratio * peak.
@@ -26,7 +26,7 @@ from torch import nn
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (defaults: Llama 2, REFERENCE.md section 3).
+    """AdamW and its learning-rate schedule (defaults: Llama 2's pre-training recipe).
 
     Attributes:
         lr: Peak learning rate (Llama 2: 3e-4 for 7B and 13B, 1.5e-4 for 34B and 70B).

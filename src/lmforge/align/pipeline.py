@@ -1,0 +1,135 @@
+"""The world pipeline: one seed of the chat world through pre-training, SFT and the alignment stages.
+
+`make demo` runs it once (seed 0); `benchmarks/world_gains.py` runs it for several seeds and checks each stage's
+gain. Every stage is the verb a user would run, with its settings from `configs/world/<stage>.yaml` (each file
+starts with that command) and this run's paths and seed on the command line after it:
+
+    world      lmforge world build --config configs/world/world.yaml --out_dir ROOT/world --seed S
+    tokenizer  lmforge tokenizer train --config configs/world/tokenizer.yaml --data ROOT/world/corpus ...
+    data       lmforge data prepare --config configs/world/data.yaml --data ROOT/world/corpus ...
+    pretrain   lmforge pretrain --config configs/world/pretrain.yaml --data.dir ROOT/data --train.seed S ...
+    sft        lmforge sft ROOT/pretrain/model --config configs/world/sft.yaml --data.sources [ROOT/world/sft.jsonl]
+
+Evaluations answer the world's prompt sets through `LLMEngine` (greedy) and score them with the world's checkers
+(`lmforge.align.eval_chat`); each report is written to ROOT/eval/<name>.json. A stage whose output is already
+complete in ROOT is not run again, so an interrupted pipeline continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.io import atomic_file
+
+# The held-out prompt sets behind the headline figures, and the train-split samples of the same size.
+HELDOUT_SETS = ("eval_tasks", "eval_unsafe", "eval_lookalikes")
+TRAIN_SETS = ("eval_tasks_train",)
+
+
+@dataclass
+class WorldPipeline:
+    """The stages of one seed (module docstring). `root` holds everything this seed writes."""
+
+    root: Path
+    seed: int = 0
+    configs: Path = Path("configs/world")
+    progress: bool = False
+    eval_limit: int | None = None  # per prompt set; None: all of it
+    times: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root, self.configs = Path(self.root), Path(self.configs)
+        if not self.configs.is_dir():
+            raise FileNotFoundError(f"{self.configs} not found: run the world pipeline from the lmforge checkout "
+                                    "(it reads configs/world/*.yaml)")
+
+    # ---- stages ---------------------------------------------------------------------------------------------
+    def world(self) -> Path:
+        out = self.root / "world"
+        self._verb("world", out / "manifest.json", "world", "build", "--config", self._config("world"),
+                   "--out_dir", out, "--seed", self.seed)
+        return out
+
+    def tokenizer(self) -> Path:
+        out = self.root / "tokenizer"
+        self._verb("tokenizer", out / "tokenizer.model", "tokenizer", "train", "--config", self._config("tokenizer"),
+                   "--data", self.root / "world" / "corpus", "--out_dir", out, "--seed", self.seed)
+        return out / "tokenizer.model"
+
+    def data(self) -> Path:
+        out = self.root / "data"
+        self._verb("data", out / "manifest.json", "data", "prepare", "--config", self._config("data"),
+                   "--data", self.root / "world" / "corpus", "--tokenizer", self.root / "tokenizer" / "tokenizer.model",
+                   "--out_dir", out, "--seed", self.seed)
+        return out
+
+    def pretrain(self) -> Path:
+        run = self.root / "pretrain"
+        self._verb("pretrain", run / "model" / "model.safetensors", "pretrain", "--config", self._config("pretrain"),
+                   "--data.dir", self.root / "data", "--data.tokenizer", self.root / "tokenizer" / "tokenizer.model",
+                   "--run.dir", run, "--run.resume", "auto", "--train.seed", self.seed,
+                   "--run.progress", str(self.progress).lower())
+        return run / "model"
+
+    def sft(self) -> Path:
+        run = self.root / "sft"
+        self._verb("sft", run / "model" / "model.safetensors", "sft", self.root / "pretrain" / "model",
+                   "--config", self._config("sft"), "--data.sources", f"[{self.root / 'world' / 'sft.jsonl'}]",
+                   "--data.cache_dir", self.root / "cache", "--run.dir", run, "--run.resume", "auto",
+                   "--train.seed", self.seed, "--run.progress", str(self.progress).lower())
+        return run / "model"
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, model: Path, name: str, sets: tuple[str, ...] = HELDOUT_SETS + TRAIN_SETS) -> dict:
+        """Answer and score the prompt sets `sets` of this seed's world with `model`; {set: report}. Cached in
+        ROOT/eval/<name>.json."""
+        from lmforge.align.eval_chat import answer_prompts, read_records, score_answers
+        from lmforge.models.checkpoint import load_model
+        from lmforge.tokenizer import Tokenizer
+
+        path = self.root / "eval" / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        net = load_model(model).eval()
+        tok = Tokenizer(Path(model) / "tokenizer.model")
+        reports = {}
+        for s in sets:
+            records = read_records(self.root / "world" / f"{s}.jsonl", limit=self.eval_limit)
+            answers = answer_prompts(net, tok, records, progress=self.progress)
+            reports[s] = score_answers(records, answers)
+        with atomic_file(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(reports, indent=1) + "\n")
+        self.times[f"eval {name}"] = time.perf_counter() - start
+        return reports
+
+    # ---- plumbing ---------------------------------------------------------------------------------------------
+    def _config(self, stage: str) -> Path:
+        return self.configs / f"{stage}.yaml"
+
+    def _verb(self, stage: str, done: Path, *argv) -> None:
+        """Run `lmforge ARGV...` in this process unless `done` exists (the stage's last output)."""
+        from lmforge.cli import main
+
+        if done.exists():
+            return
+        start = time.perf_counter()
+        main([str(a) for a in argv])
+        self.times[stage] = time.perf_counter() - start
+
+
+def headline(reports: dict) -> dict[str, float]:
+    """The figures the gains are judged on, from `WorldPipeline.evaluate`'s reports: held-out task accuracy and
+    per family, violation and false-refusal rates, mean oracle helpfulness, and the train-split task accuracy."""
+    out = {"task_accuracy": reports["eval_tasks"]["tasks"]["accuracy"],
+           "violation_rate": reports["eval_unsafe"]["unsafe"]["violation_rate"],
+           "false_refusal_rate": reports["eval_lookalikes"]["lookalikes"]["false_refusal_rate"],
+           "helpfulness": reports["eval_tasks"]["oracle"]["helpfulness"]}
+    for family, f in reports["eval_tasks"]["tasks"]["by_family"].items():
+        out[f"accuracy/{family}"] = f["accuracy"]
+    if "eval_tasks_train" in reports:
+        out["train_task_accuracy"] = reports["eval_tasks_train"]["tasks"]["accuracy"]
+    return out
