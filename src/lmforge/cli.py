@@ -20,43 +20,21 @@ import os
 import sys
 from pathlib import Path
 
-<<<<<<< HEAD
-
-def _verbs() -> dict:
-    from lmforge.align.eval_chat import eval_chat
-    from lmforge.align.dpo import dpo
-    from lmforge.align.rm import rm_train
-    from lmforge.align.sft import sft
-    from lmforge.align.world.build import build_world
-    from lmforge.models.convert import convert
-    from lmforge.infer.cli import chat, generate_cli
-    from lmforge.lora_export import export_lora
-    from lmforge.train.evaluate import evaluate
-    from lmforge.train.pretrain import pretrain
-    from lmforge.data.prepare import prepare_data
-    from lmforge.tokenizer.train import train_tokenizer
-
-    return {
-        "convert": convert,
-        "generate": generate_cli,
-        "chat": chat,
-        "pretrain": pretrain,
-        "sft": sft,
-        "rm": {"train": rm_train},
-        "dpo": dpo,
-        "eval": {"loss": evaluate, "chat": eval_chat},
-        "world": {"build": build_world},
-        "tokenizer": {"train": train_tokenizer},
-        "data": {"prepare": prepare_data},
-        "lora": {"export": export_lora},
-    }
-=======
 VERBS: dict = {
     "convert": "lmforge.export:convert",
     "generate": "lmforge.infer.cli:generate_cli",
     "chat": "lmforge.infer.cli:chat",
     "pretrain": "lmforge.train.pretrain:pretrain",
     "sft": "lmforge.align.sft:sft",
+    "preferences": {"_help": "Preference data: `lmforge preferences collect` samples two answers per prompt and "
+                             "labels them with the chat world's oracle (Llama 2's degrees and safety bins).",
+                    "collect": "lmforge.align.preferences:collect_preferences"},
+    "rm": {"_help": "Reward models: `rm train` (Llama 2's ranking loss with margins), `rm eval` (accuracy per "
+                    "degree and safety bin, calibration), `rm score` (scores of dialogues).",
+           "train": "lmforge.align.rm:rm_train",
+           "eval": "lmforge.align.rm_eval:rm_eval",
+           "score": "lmforge.align.rm_eval:rm_score"},
+    "dpo": "lmforge.align.dpo:dpo",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
              "loss": "lmforge.train.evaluate:evaluate",
@@ -71,7 +49,6 @@ VERBS: dict = {
     "lora": {"_help": "LoRA adapters: `lmforge lora export` writes them merged or as a peft adapter folder.",
              "export": "lmforge.lora_export:export_lora"},
 }
->>>>>>> main
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from lmforge import ModelConfig, Transformer
 from lmforge.models.checkpoint import save_model
-from lmforge.models.convert import convert
+from lmforge.export import convert
 from sft_helpers import seeded_dialogues, write_jsonl
 
 
