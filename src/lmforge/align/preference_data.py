@@ -9,8 +9,8 @@ Formats, one record per line of a .jsonl file or per row of a .parquet file (TRL
                         last, the answer)
 
 and optionally "degree" (significantly_better | better | slightly_better | negligibly_better: the margin
-tables), "margin" (a number: `--loss.margin column`, TRL's column), "safety_bin" and "source" (reported by
-`rm eval`); other fields are ignored. A record that breaks a rule stops the run with one line naming the file,
+tables), "margin" (a number: `--loss.margin column`, TRL's column), "safety_bin", "source" and "oracle" (the
+world's scores of both answers; reported by `rm eval`); other fields are ignored. A record that breaks a rule stops the run with one line naming the file,
 the line (or parquet row) and the field, before anything is written.
 
 A pair is tokenised as two dialogues in Llama 2's chat format, prompt + chosen and prompt + rejected, each
@@ -113,6 +113,7 @@ class PreferenceRecord:
     safety_bin: str | None = None
     source: str | None = None
     where: str = ""
+    oracle: dict | None = None  # the chat world's scores of both answers, where `preferences collect` wrote them
 
 
 def _answer(value: Any, name: str, where: str) -> str:
@@ -176,6 +177,11 @@ def preference_record(record: dict, where: str) -> PreferenceRecord:
         out.margin = float(m)
     if record.get("source") is not None:
         out.source = str(record["source"])
+    oracle = record.get("oracle")
+    if isinstance(oracle, dict) and all(isinstance(oracle.get(k), dict) and isinstance(oracle[k].get("preference"),
+                                                                                         (int, float))
+                                        for k in ("chosen", "rejected")):
+        out.oracle = oracle
     return out
 
 
