@@ -133,25 +133,25 @@ def test_lora_trains_the_adapters_and_the_whole_head(tiny_folders, pair_files, t
     assert (merged.reward_head.weight - fresh).abs().max() > 1e-4
 
 
-BAD = {
-    "invalid JSON": ('{"prompt": "a", "chosen": ', ":3: not valid JSON"),
-    "missing field": ('{"prompt": "a", "chosen": "b"}', ":3: missing field 'rejected'"),
-    "empty answer": ('{"prompt": "a", "chosen": " ", "rejected": "c"}', ":3: field 'chosen' is empty"),
-    "answer role": ('{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}',
-                    ":3: field 'chosen': its message must have role 'assistant'"),
-    "prompt order": ('{"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}',
-                     ":3: field 'prompt': message 0 is 'assistant', expected 'user'"),
-    "unknown degree": ('{"prompt": "a", "chosen": "b", "rejected": "c", "degree": "much"}',
-                       ":3: field 'degree' is 'much'; it must be one of significantly_better"),
-    "no degree": ('{"prompt": "a", "chosen": "b", "rejected": "c"}', ":3: loss.margin small needs a 'degree'"),
-    "bad margin": ('{"prompt": "a", "chosen": "b", "rejected": "c", "degree": "better", "margin": "x"}',
-                   ":3: field 'margin' must be a finite number"),
-}
+BAD = [  # (case, line 3 of the file, what the one line says after "FILE")
+    ("invalid JSON", '{"prompt": "a", "chosen": ', ":3: not valid JSON"),
+    ("missing field", '{"prompt": "a", "chosen": "b"}', ":3: missing field 'rejected'"),
+    ("empty answer", '{"prompt": "a", "chosen": " ", "rejected": "c"}', ":3: field 'chosen' is empty"),
+    ("answer role", '{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}',
+     ":3: field 'chosen': its message must have role 'assistant'"),
+    ("prompt order", '{"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}',
+     ":3: field 'prompt': message 0 is 'assistant', expected 'user'"),
+    ("unknown degree", '{"prompt": "a", "chosen": "b", "rejected": "c", "degree": "much"}',
+     ":3: field 'degree' is 'much'; it must be one of significantly_better"),
+    ("no degree", '{"prompt": "a", "chosen": "b", "rejected": "c"}', ":3: loss.margin small needs a 'degree'"),
+    ("bad margin", '{"prompt": "a", "chosen": "b", "rejected": "c", "degree": "better", "margin": "x"}',
+     ":3: field 'margin' must be a finite number"),
+]
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_preference_data_is_one_line_naming_file_line_and_field(tiny_folders, pair_files, tmp_path, case, capsys):
-    line, problem = BAD[case]
+@pytest.mark.parametrize("case, line, problem", BAD, ids=[case for case, _, _ in BAD])
+def test_bad_preference_data_is_one_line_naming_file_line_and_field(tiny_folders, pair_files, tmp_path, case, line,
+                                                                     problem, capsys):
     good = json.dumps(seeded_pairs(0, 1)[0])
     data = tmp_path / "bad.jsonl"
     data.write_text(f"{good}\n{good}\n{line}\n{good}\n")

@@ -32,11 +32,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmforge.align.pair_training import PairTrainConfig, load_trainable, prepare_pairs, with_warmup
+from lmforge.align.pair_training import PairTrainConfig, finish_pair_run, load_trainable, prepare_pairs, with_warmup
 from lmforge.align.preference_data import PairBatch, PreferenceDataConfig, batches_of
 from lmforge.align.preference_losses import dpo_loss
 from lmforge.align.reference_logps import fill_reference, sequence_logprobs
-from lmforge.align.sft import _global_sum
 from lmforge.lora import LoraConfig
 from lmforge.parallel import ParallelConfig, parallelize
 from lmforge.train import harness
@@ -100,17 +99,9 @@ def dpo_backward(train_net, net, batches: list[PairBatch], *, device, dp, precis
     return DPOStats(*(totals / pairs).tolist())
 
 
-def dpo(
-    init_from: str,
-    data: PreferenceDataConfig = PreferenceDataConfig(),
-    loss: DPOLossConfig = DPOLossConfig(),
-    train: PairTrainConfig = DPO_TRAIN,
-    optim: OptimConfig = DPO_OPTIM,
-    run: RunConfig = RunConfig(),
-    parallel: ParallelConfig = ParallelConfig(),
-    lora: LoraConfig = LoraConfig(),
-    reference: str | None = None,
-):
+def dpo(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig(), loss: DPOLossConfig = DPOLossConfig(),
+        train: PairTrainConfig = DPO_TRAIN, optim: OptimConfig = DPO_OPTIM, run: RunConfig = RunConfig(),
+        parallel: ParallelConfig = ParallelConfig(), lora: LoraConfig = LoraConfig(), reference: str | None = None):
     """Fine-tune a model on preference pairs with DPO against a frozen reference (`lmforge dpo`).
 
     Args:
@@ -139,7 +130,7 @@ def dpo(
     optim = with_warmup(optim, train, total)
     start_fingerprint = base_fingerprint(base_state_dict(net.state_dict()))  # before any update or sharding
     train_net = parallelize(net, parallel, device, place.mesh)
-    optimizer = build_optimizer(net, optim)
+    optimizer, params = build_optimizer(net, optim), trainable(net)
     scheduler = build_scheduler(optimizer, optim, total)
     config = {"init_from": init_from, "reference": reference, "data": data, "loss": loss, "train": train,
               "optim": optim, "run": run, "parallel": parallel, "lora": lora}
@@ -152,6 +143,7 @@ def dpo(
                f"{train.seq_len} tokens dropped); {total} steps of {train.batch_size} pairs, beta {loss.beta}")
 
     # ---- the reference's log-probs, once --------------------------------------------------------------
+    net.train()  # (fill_reference switches a model to eval mode for its pass and back)
     cache = dict(device=device, precision=train.precision, batch_pairs=train.micro_batch_size,
                  loss_chunk=train.loss_chunk, is_main=job.is_main, progress=run.progress)
     if reference is None and job.step == 0:  # the policy has not moved yet: it is the reference
@@ -167,49 +159,36 @@ def dpo(
         if not pairs.validation or run.eval_every == 0:
             return
         with torch.no_grad():
-            s = dpo_figures(train_net, net, batches_of(pairs.validation, train.micro_batch_size), device, train.precision, loss.beta,
-                                  train.loss_chunk)
+            s = dpo_figures(train_net, net, batches_of(pairs.validation, train.micro_batch_size), device,
+                            train.precision, loss.beta, train.loss_chunk)
         job.log(at_step, {"val/loss": s.loss, "val/accuracy": s.accuracy, "val/margin": s.margin})
         tqdm.write(f"[step {at_step}] validation loss {s.loss:.4f}, implicit-reward accuracy {s.accuracy:.3f}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    params = trainable(net)
     if job.step == 0:
-        validate(0)
-    net.train()
+        validate(0)  # the reference itself: loss ln 2, every implicit reward 0
     with job:  # closes the run's progress bar, signal handlers and metric sinks however the loop ends
         for step in range(job.step + 1, total + 1):
-            job.profiler.before_step(step)
             t0 = time.perf_counter()
-            read_before = loader.tokens_read
-            batches = [next(loader) for _ in range(accum)]
-            stats = dpo_backward(train_net, net, batches, device=device, dp=dp, precision=train.precision,
-                                 beta=loss.beta, pairs=train.batch_size, loss_chunk=train.loss_chunk,
-                                 poison=train.debug_nan_at_step == step)
-            grad_norm, lr = harness.apply_update(job, step, stats.loss, params, optimizer, scheduler, optim.grad_clip)
-
+            job.profiler.before_step(step)
+            batches, tokens = pairs.next_step(accum, dp, device)
+            s = dpo_backward(train_net, net, batches, device=device, dp=dp, precision=train.precision, beta=loss.beta,
+                             pairs=train.batch_size, loss_chunk=train.loss_chunk, poison=train.debug_nan_at_step == step)
+            grad_norm, lr = harness.apply_update(job, step, s.loss, params, optimizer, scheduler, optim.grad_clip)
             dt = time.perf_counter() - t0
-            tokens = _global_sum(loader.tokens_read - read_before, dp, device)
-            state.counters["tokens_seen"] += tokens
-            state.counters["pairs_seen"] += train.batch_size
-            record = {"loss": stats.loss, "reward_accuracy": stats.accuracy, "reward_margin": stats.margin,
-                      "reward_chosen": stats.chosen, "reward_rejected": stats.rejected, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt}
-            job.log_step(step, record, show=("loss", "reward_accuracy", "lr", "tokens_per_s"))
-            job.profiler.after_step(step)
-            if run.eval_every and (step % run.eval_every == 0 or step == total):
-                validate(step)
-            if harness.checkpoint_or_stop(job, step, total, state):
+            state.counters |= {"tokens_seen": state.counters["tokens_seen"] + tokens,
+                               "pairs_seen": state.counters["pairs_seen"] + train.batch_size}
+            job.log_step(step, {"loss": s.loss, "reward_accuracy": s.accuracy, "reward_margin": s.margin,
+                                "reward_chosen": s.chosen, "reward_rejected": s.rejected, "lr": lr,
+                                "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt},
+                         show=("loss", "reward_accuracy", "lr", "tokens_per_s"))
+            if harness.end_step(job, step, total, state, validate):
                 return job.dir
-    harness.finish_run(job, state, extra={"pairs_per_epoch": pairs.per_epoch, "dropped_pairs": pairs.dropped},
-                       plot_keys=("loss", "reward_accuracy", "val/loss", "val/accuracy"))
-    if run.save_model:
-        harness.export_model(job, net, pairs.tokenizer_path)
-    return job.dir
+    return finish_pair_run(job, state, net, pairs, run.save_model, plot_keys=("loss", "reward_accuracy", "val/loss", "val/accuracy"))
 
 
 def dpo_figures(train_net, net, batches: list[PairBatch], device, precision: str, beta: float,
-                      loss_chunk: int) -> DPOStats:
+                loss_chunk: int) -> DPOStats:
     """The DPO figures of `batches` without gradients (validation): means over their pairs."""
     rows = []
     for batch in batches:

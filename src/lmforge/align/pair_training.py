@@ -119,6 +119,15 @@ class PairData:
     def dropped(self) -> int:
         return sum(s.dropped for s in self.sets)
 
+    def next_step(self, accum: int, dp, device: torch.device) -> tuple[list, int]:
+        """The `accum` micro-batches of this rank's part of one step, and the real (not padding) tokens of the
+        whole step over all data-parallel ranks."""
+        from lmforge.align.sft import _global_sum
+
+        before = self.loader.tokens_read
+        batches = [next(self.loader) for _ in range(accum)]
+        return batches, _global_sum(self.loader.tokens_read - before, dp, device)
+
     @property
     def validation(self) -> list:
         """Every held-out pair of every source once, in file order."""
@@ -143,4 +152,16 @@ def prepare_pairs(init_from: str, data: PreferenceDataConfig, train: PairTrainCo
     return PairData(tok_path, sets, loader, total, per_epoch)
 
 
-__all__ = ["PairData", "PairTrainConfig", "load_trainable", "prepare_pairs", "resolve_tokenizer", "with_warmup"]
+def finish_pair_run(job, state, net, pairs: PairData, save_model: bool, plot_keys: tuple[str, ...]) -> Path:
+    """The end of a completed run on pairs: the summary (with the data's counts) and the plot of `plot_keys`, then
+    the trained model in RUN/model with its tokenizer (harness.finish_run, harness.export_model); the run folder."""
+    from lmforge.train import harness
+
+    harness.finish_run(job, state, extra={"pairs_per_epoch": pairs.per_epoch, "dropped_pairs": pairs.dropped},
+                       plot_keys=plot_keys)
+    if save_model:
+        harness.export_model(job, net, pairs.tokenizer_path)
+    return job.dir
+
+
+__all__ = ["PairData", "finish_pair_run", "PairTrainConfig", "load_trainable", "prepare_pairs", "resolve_tokenizer", "with_warmup"]

@@ -58,10 +58,6 @@ PAD_ID = 0  # <unk>: any id works (padding comes after every real token and is n
 PAD_MULTIPLE = 8  # padded lengths are rounded up to this, so that compiled / CUDA kernels see few shapes
 
 
-class PreferenceDataError(ValueError):
-    """A preference file that cannot be trained on; the message names the file, line and field."""
-
-
 @dataclass
 class PreferenceSource:
     """One file of preference pairs in the mix.
@@ -94,10 +90,13 @@ class PreferenceDataConfig:
 
     def __post_init__(self) -> None:
         self.sources = [PreferenceSource(s) if isinstance(s, str) else s for s in self.sources]
-        if not 0 <= self.val_fraction < 1:
-            raise PreferenceDataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.epoch_pairs is not None and self.epoch_pairs < 1:
-            raise PreferenceDataError(f"data.epoch_pairs must be >= 1, got {self.epoch_pairs}")
+        if not 0 <= self.val_fraction < 1 or (self.epoch_pairs is not None and self.epoch_pairs < 1):
+            raise PreferenceDataError(f"data.val_fraction must be in [0, 1) and data.epoch_pairs None or >= 1, got "
+                                      f"{self.val_fraction} and {self.epoch_pairs}")
+
+
+class PreferenceDataError(ValueError):
+    """A preference file that cannot be trained on; the message names the file, line and field."""
 
 
 # ---- reading and checking -----------------------------------------------------------------------------------

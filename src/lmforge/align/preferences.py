@@ -126,21 +126,11 @@ def _answers(model: str, variant: Variant, records: list[dict], sampling: Sampli
     return [tok.decode(out[0]).strip() for out in outputs]
 
 
-def collect_preferences(
-    model: str,
-    prompts: list[Path] | Path | None = None,
-    out_dir: Path = Path("runs/preferences"),
-    a: Variant = Variant(temperature=0.7),
-    b: Variant = Variant(temperature=1.2),
-    label_noise: float = 0.0,
-    seed: int = 0,
-    max_new_tokens: int = 128,
-    batch_size: int = 64,
-    limit: int | None = None,
-    device: str | None = None,
-    dtype: Dtype | None = None,
-    overwrite: bool = False,
-) -> dict:
+def collect_preferences(model: str, prompts: list[Path] | Path | None = None, out_dir: Path = Path("runs/preferences"),
+                        a: Variant = Variant(temperature=0.7), b: Variant = Variant(temperature=1.2),
+                        label_noise: float = 0.0, seed: int = 0, max_new_tokens: int = 128, batch_size: int = 64,
+                        limit: int | None = None, device: str | None = None, dtype: Dtype | None = None,
+                        overwrite: bool = False) -> dict:
     """Sample two answers per prompt and label them with the chat world's oracle (`lmforge preferences collect`).
 
     Llama 2's protocol: answers from two model variants, the degree of preference and the safety bin from the

@@ -32,11 +32,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmforge.align.pair_training import PairTrainConfig, load_trainable, prepare_pairs, with_warmup
+from lmforge.align.pair_training import PairTrainConfig, finish_pair_run, load_trainable, prepare_pairs, with_warmup
 from lmforge.align.preference_data import PairBatch, PreferenceDataConfig, batches_of
 from lmforge.align.preference_losses import MarginTable, ranking_loss
 from lmforge.align.reward_model import sequence_rewards
-from lmforge.align.sft import _global_sum
 from lmforge.lora import LoraConfig
 from lmforge.parallel import ParallelConfig, parallelize
 from lmforge.train.config import RunConfig
@@ -115,16 +114,9 @@ def evaluate_pairs(net, batches: list[PairBatch], device, precision: str) -> dic
             "margin": gap.mean().item(), "pairs": len(r)}
 
 
-def rm_train(
-    init_from: str,
-    data: PreferenceDataConfig = PreferenceDataConfig(),
-    loss: RMLossConfig = RMLossConfig(),
-    train: PairTrainConfig = PairTrainConfig(),
-    optim: OptimConfig = RM_OPTIM,
-    run: RunConfig = RunConfig(),
-    parallel: ParallelConfig = ParallelConfig(),
-    lora: LoraConfig = LoraConfig(),
-):
+def rm_train(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig(), loss: RMLossConfig = RMLossConfig(),
+             train: PairTrainConfig = PairTrainConfig(), optim: OptimConfig = RM_OPTIM, run: RunConfig = RunConfig(),
+             parallel: ParallelConfig = ParallelConfig(), lora: LoraConfig = LoraConfig()):
     """Train a reward model on preference pairs (Llama 2's recipe as defaults): `lmforge rm train`.
 
     Args:
@@ -181,30 +173,20 @@ def rm_train(
         for step in range(job.step + 1, total + 1):
             job.profiler.before_step(step)
             t0 = time.perf_counter()
-            read_before = loader.tokens_read
-            batches = [next(loader) for _ in range(accum)]
+            batches, tokens = pairs.next_step(accum, dp, device)
             stats = ranking_backward(train_net, batches, device=device, dp=dp, precision=train.precision,
                                      pairs=train.batch_size, poison=train.debug_nan_at_step == step)
             grad_norm, lr = harness.apply_update(job, step, stats.loss, params, optimizer, scheduler, optim.grad_clip)
-
             dt = time.perf_counter() - t0
-            tokens = _global_sum(loader.tokens_read - read_before, dp, device)
             state.counters["tokens_seen"] += tokens
             state.counters["pairs_seen"] += train.batch_size
-            record = {"loss": stats.loss, "accuracy": stats.accuracy, "reward_margin": stats.margin, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "epoch": loader.cursor / pairs.per_epoch,
-                      "step_time_s": dt}
-            job.log_step(step, record, show=("loss", "accuracy", "lr", "tokens_per_s"))
-            job.profiler.after_step(step)
-            if run.eval_every and (step % run.eval_every == 0 or step == total):
-                validate(step)
-            if harness.checkpoint_or_stop(job, step, total, state):
+            job.log_step(step, {"loss": stats.loss, "accuracy": stats.accuracy, "reward_margin": stats.margin,
+                                "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+                                "epoch": loader.cursor / pairs.per_epoch, "step_time_s": dt},
+                         show=("loss", "accuracy", "lr", "tokens_per_s"))
+            if harness.end_step(job, step, total, state, validate):
                 return job.dir
-    harness.finish_run(job, state, extra={"pairs_per_epoch": pairs.per_epoch, "dropped_pairs": pairs.dropped},
-               plot_keys=("loss", "accuracy", "val/loss", "val/accuracy"))
-    if run.save_model:
-        harness.export_model(job, net, pairs.tokenizer_path)
-    return job.dir
+    return finish_pair_run(job, state, net, pairs, run.save_model, plot_keys=("loss", "accuracy", "val/loss", "val/accuracy"))
 
 
 __all__ = ["PairStats", "RMLossConfig", "RM_OPTIM", "evaluate_pairs", "ranking_backward", "rm_train"]

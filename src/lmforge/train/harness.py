@@ -355,6 +355,16 @@ def checkpoint_or_stop(run: Run, step: int, total: int, state: TrainState) -> bo
     return stopping
 
 
+def end_step(run: Run, step: int, total: int, state: TrainState, validate=None) -> bool:
+    """The end of step `step` of `total`: close the profiler's step, `validate(step)` when due (every
+    run.eval_every steps and at the end), then `checkpoint_or_stop`. True: stop now, the loop returns."""
+    run.profiler.after_step(step)
+    every = run.cfg.eval_every
+    if validate is not None and every and (step % every == 0 or step == total):
+        validate(step)
+    return checkpoint_or_stop(run, step, total, state)
+
+
 # ---- after the loop -----------------------------------------------------------------------------------------
 def finish_run(run: Run, state: TrainState, extra: dict[str, Any] | None = None,
                plot_keys: tuple[str, ...] = ("loss", "val/loss")) -> dict[str, Any]:
