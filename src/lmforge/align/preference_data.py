@@ -76,8 +76,9 @@ class PreferenceDataConfig:
     """The preference pairs to train on.
 
     Attributes:
-        sources: Pair files, each a path or {path, weight}; several are mixed by their weights (module
-            docstring: Llama 2's Helpfulness RM is [helpfulness.jsonl, safety.jsonl] with weights [1, 1]).
+        sources: Pair files, each a path or {path, weight}; several are mixed by their weights, the first read
+            once per epoch: Llama 2's Helpfulness RM is [helpfulness.jsonl, safety.jsonl] with weights [1, 1], its
+            Safety RM [safety.jsonl, helpfulness.jsonl] with weights [0.9, 0.1].
         tokenizer: tokenizer.model to encode with; None takes the one in the init_from model folder.
         val_fraction: Share of each source's pairs held out for validation (a seeded hash of each pair decides).
         epoch_pairs: Pairs per epoch; None: the first source's pairs once, the others in proportion to the weights.
