@@ -2,6 +2,7 @@
 sources' mix, LoRA with a fully trained head, and bad preference data in one line naming file, line and field."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,17 @@ def test_a_language_model_is_needed_where_one_is_trained_and_a_reward_model_is_r
               "--run.dir", str(tmp_path / "dpo"), "--train.device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a reward model" in err[0] and "not a language model" in err[0], err
+
+
+def test_llama_2s_two_mixes_from_a_preferences_folder(tiny_folders, pair_files, tmp_path):
+    """train_reward_model: the Safety RM reads all 16 safety pairs and 10% helpfulness ones (16 / 0.9 = 18 an epoch)."""
+    from lmforge.align.pair_training import PairTrainConfig
+    from lmforge.align.rm import train_reward_model
+    from lmforge.train.config import RunConfig
+
+    folder = Path(pair_files["safety"]).parent  # helpfulness.jsonl and safety.jsonl
+    train = PairTrainConfig(batch_size=4, micro_batch_size=4, seq_len=128, steps=1, device="cpu", threads=1)
+    run = train_reward_model(str(tiny_folders["ours"]), "safety", folder, tmp_path / "safety-rm", train=train,
+                             run=RunConfig(progress=False, checkpoint_every=0))
+    assert json.loads((run / "summary.json").read_text())["pairs_per_epoch"] == 18
+    assert (run / "model" / "model.safetensors").is_file()

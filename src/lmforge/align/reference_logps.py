@@ -8,6 +8,11 @@ the answer's tokens. The answer's log-probability under a language model is
 computed from the hidden states of x_0 .. x_{L-2} through `train.losses.token_logprobs`, the per-token form of
 the chunked cross-entropy, so (rows, T, V) logits never exist whole (`sequence_logprobs`).
 
+NOTE: not the fused linear cross-entropy of pre-training (train/linear_ce.py): it computes its gradients in the
+forward pass, which is only possible for one scalar at the end of the graph; DPO needs one log-probability per
+row, each with its own upstream gradient, and a fused version per row would keep a (V, d) weight gradient per
+row. The chunks here recompute their logits in the backward pass instead.
+
 DPO needs log pi_ref(y | x) of both answers of every pair, under a model that never changes: they are computed
 once, before the first step, and cached in the run folder (`fill_reference`):
 

@@ -24,16 +24,24 @@ convert RUN/model DST --to hf` exports it as a *ForSequenceClassification).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from lmforge.align.pair_training import PairTrainConfig, finish_pair_run, load_trainable, prepare_pairs, with_warmup
-from lmforge.align.preference_data import PairBatch, PreferenceDataConfig, batches_of
+from lmforge.align.preference_data import (
+    PairBatch,
+    PreferenceDataConfig,
+    PreferenceDataError,
+    PreferenceSource,
+    batches_of,
+)
 from lmforge.align.preference_losses import MarginTable, ranking_loss
 from lmforge.align.reward_model import sequence_rewards
 from lmforge.lora import LoraConfig
@@ -189,4 +197,21 @@ def rm_train(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig()
     return finish_pair_run(job, state, net, pairs, run.save_model, plot_keys=("loss", "accuracy", "val/loss", "val/accuracy"))
 
 
-__all__ = ["PairStats", "RMLossConfig", "RM_OPTIM", "evaluate_pairs", "ranking_backward", "rm_train"]
+# Llama 2's two mixes of the sources (`preferences collect` writes helpfulness.jsonl and safety.jsonl): the first
+# source of each is read once an epoch, the others in proportion to the weights (align/preference_data.py).
+MIXES = {"helpfulness": (("helpfulness", 1.0), ("safety", 1.0)), "safety": (("safety", 0.9), ("helpfulness", 0.1))}
+
+
+def train_reward_model(init_from: str, kind: str, preferences: str | Path, run_dir: str | Path, **options) -> Path:
+    """`rm_train` of Llama 2's Helpfulness (`kind` "helpfulness") or Safety ("safety") reward model on the files of a
+    `preferences collect` folder, into `run_dir`; `options`: rm_train's other groups (train=, optim=, loss=, ...)
+    and `data_options` for PreferenceDataConfig's other fields. Returns the run folder (the model is in model/)."""
+    if kind not in MIXES:
+        raise PreferenceDataError(f"kind must be one of {', '.join(MIXES)}, got {kind!r}")
+    sources = [PreferenceSource(str(Path(preferences) / f"{name}.jsonl"), weight) for name, weight in MIXES[kind]]
+    data = PreferenceDataConfig(sources=sources, **options.pop("data_options", {}))
+    run = dataclasses.replace(options.pop("run", RunConfig()), dir=str(run_dir))
+    return rm_train(init_from, data=data, run=run, **options)
+
+
+__all__ = ["MIXES", "PairStats", "RMLossConfig", "RM_OPTIM", "evaluate_pairs", "ranking_backward", "rm_train", "train_reward_model"]

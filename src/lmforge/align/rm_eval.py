@@ -153,11 +153,10 @@ def _precision(net):
     return contextlib.nullcontext()
 
 
-def evaluate_reward_model(model: Path | str, pairs: list[Path] | Path, tokenizer: Path | None = None,
-                          device: str | None = None, dtype: Dtype | None = None,
-                          max_batch_tokens: int = 16384) -> tuple[dict, list, list[float], list[float]]:
-    """The `rm eval` report of the reward model folder `model` on the preference files `pairs`, with the records
-    and their rewards: (report, records, chosen rewards, rejected rewards)."""
+def score_pairs(model: Path | str, pairs: list[Path] | Path, tokenizer: Path | None = None, device: str | None = None,
+                dtype: Dtype | None = None, max_batch_tokens: int = 16384) -> tuple[list, list[float], list[float]]:
+    """The records of the preference files `pairs` and the rewards the reward model folder `model` gives their
+    chosen and rejected answers: (records, chosen rewards, rejected rewards)."""
     from lmforge.align.preference_data import read_preferences
     from lmforge.align.reward_model import score_sequences
     from lmforge.tokenizer.chat import encode_chat
@@ -168,9 +167,19 @@ def evaluate_reward_model(model: Path | str, pairs: list[Path] | Path, tokenizer
     seqs = [encode_chat(tok, [*r.prompt, {"role": "assistant", "content": a}]).ids
             for r in records for a in (r.chosen, r.rejected)]
     scores = score_sequences(net, seqs, max_batch_tokens, _precision(net))
-    chosen, rejected = scores[0::2], scores[1::2]
-    report = {"model": str(model), "pairs_files": [str(p) for p in paths], **pair_report(records, chosen, rejected)}
-    return report, records, chosen, rejected
+    return records, scores[0::2], scores[1::2]
+
+
+def evaluate_reward_model(model: Path | str, pairs: list[Path] | Path, tokenizer: Path | None = None,
+                          device: str | None = None, dtype: Dtype | None = None, max_batch_tokens: int = 16384) -> dict:
+    """The `rm eval` report (module docstring) of the reward model folder `model` on the preference files `pairs`:
+    report["by_degree"][degree]["accuracy"], report["by_safety_bin"][bin]["accuracy"], report["by_source"], ...
+
+    Comparing the two reward models on held-out safety pairs, the bin that separates them is "chosen_safe" (a
+    safe answer against an unsafe one): report["by_safety_bin"]["chosen_safe"]["accuracy"] of each."""
+    records, chosen, rejected = score_pairs(model, pairs, tokenizer, device, dtype, max_batch_tokens)
+    paths = [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
+    return {"model": str(model), "pairs_files": [str(p) for p in paths], **pair_report(records, chosen, rejected)}
 
 
 def rm_eval(model: Path, pairs: list[Path] | Path | None = None, out_dir: Path | None = None, tokenizer: Path | None = None,
@@ -198,7 +207,9 @@ def rm_eval(model: Path, pairs: list[Path] | Path | None = None, out_dir: Path |
         raise PreferenceDataError("no preference files: pass --pairs FILE.jsonl (or a list, --pairs [a.jsonl,b.jsonl])")
     if out_dir is not None:
         claim_output_dir(out_dir, overwrite)
-    report, records, chosen, rejected = evaluate_reward_model(model, pairs, tokenizer, device, dtype, max_batch_tokens)
+    records, chosen, rejected = score_pairs(model, pairs, tokenizer, device, dtype, max_batch_tokens)
+    paths = [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
+    report = {"model": str(model), "pairs_files": [str(p) for p in paths], **pair_report(records, chosen, rejected)}
     print(format_pair_report(report))
     if out_dir is not None:
         with output_dir(out_dir, "rm eval", overwrite) as tmp:
@@ -251,4 +262,4 @@ def rm_score(model: Path, dialogues: Path | None = None, out: Path | None = None
     return out
 
 
-__all__ = ["calibration", "evaluate_reward_model", "format_pair_report", "pair_report", "rm_eval", "rm_score"]
+__all__ = ["calibration", "evaluate_reward_model", "score_pairs", "format_pair_report", "pair_report", "rm_eval", "rm_score"]
