@@ -9,7 +9,10 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test setup clean
+SKY_VENV := .venv-sky
+SKYPILOT_VERSION ?= 0.14.1
+
+.PHONY: demo test setup sky clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +23,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# NOTE: skypilot's pins (click < 8.2, uvicorn < 0.36) clash with transformers' and the server's: its own
+# environment, used only by tests/deploy/test_skypilot.py to validate deploy/skypilot/*.yaml.
+$(SKY_VENV)/.installed:
+	$(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install -q skypilot==$(SKYPILOT_VERSION)
+	touch $@
+
+sky: $(SKY_VENV)/.installed
+
 demo: setup
 	$(PY) -m lmforge.demo
 
-test: setup
+test: setup sky
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(SKY_VENV) runs

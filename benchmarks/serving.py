@@ -5,6 +5,7 @@ Run on the device machine (one H100), from the repository root:
     PYTHONPATH=src python3 benchmarks/serving.py --only a      # 64 x (128 in / 256 out), Llama-2-7B shapes
     PYTHONPATH=src python3 benchmarks/serving.py --only b      # chat-like traffic, Mistral-7B shapes
     PYTHONPATH=src python3 benchmarks/serving.py --quick       # tiny shapes on the CPU (smoke test, < 20 s)
+    PYTHONPATH=src python3 benchmarks/serving.py --only b --http --no-hf   # (b) driven directly, then over HTTP
 
 Weights are random (bf16 on CUDA); every request ignores the end-of-sequence token, so lengths are exact.
 
@@ -18,7 +19,9 @@ Each engine first serves the whole workload once (its captures and compiles), th
     (last - first token time) / (outputs - 1)); median and p99.
 Baseline: transformers `generate` on the same shapes and weights layout (random), static batches (all 64
 for (a); (b) in arrival order, batches of --hf-batch, each running to its longest output, on the first
---hf-requests requests). Prints JSON lines; writes $OUT/serving.json when $OUT is set.
+--hf-requests requests). --http: (b) again through our server (serving_http.py), one "b-http" row per rate
+next to the engine's, with requests_per_s_vs_engine and ttft_median_ms_over_engine. Prints JSON lines; writes
+$OUT/serving.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--hf-requests", type=int, default=64, help="(b) requests the transformers baseline serves")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--http", action="store_true", help="(b) also through lmforge's HTTP server (serving_http.py)")
     ap.add_argument("--profile", action="store_true",
                     help="print a kernel profile: (a) of 20 decode steps per path, (b) of 20 steps from the start")
     ap.add_argument("--attention", default=None, choices=["varlen", "padded", "reference"],
@@ -294,12 +298,23 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
             profile_steps(engine, prompts, O, device, "mixed")
         rates = [None] + [float(r) for r in args.rates.split(",") if r]
         # the first pass (all at once) also warms up: CUDA graph captures and compiles of the shapes it meets
+        direct = {}
         for i, rate in enumerate([None] + ([None, 50.0] if quick else rates)):
             res = drive(engine, prompts, O, rate)
             res.update(case="b" if i else "b-first-pass", config="tiny-swa" if quick else "mistral-7b",
                        decode_path=paths[0], prompt_mean=round(statistics.mean(P), 1),
                        output_mean=round(statistics.mean(O), 1))
             emit(res)
+            if i:
+                direct[rate] = res
+        if args.http:
+            from serving_http import drive_http
+
+            for (rate, ref), res in zip(direct.items(), drive_http(engine, prompts, O, list(direct))):
+                res.update(case="b-http", config=ref["config"], decode_path=paths[0],
+                           requests_per_s_vs_engine=round(res["requests_per_s"] / ref["requests_per_s"], 3),
+                           ttft_median_ms_over_engine=round(res["ttft_ms_median"] - ref["ttft_ms_median"], 2))
+                emit(res)
         del engine, model
         free(device)
         if not args.no_hf:

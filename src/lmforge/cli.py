@@ -35,6 +35,7 @@ VERBS: dict = {
            "eval": "lmforge.align.rm_eval:rm_eval",
            "score": "lmforge.align.rm_eval:rm_score"},
     "dpo": "lmforge.align.dpo:dpo",
+    "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
              "loss": "lmforge.train.evaluate:evaluate",

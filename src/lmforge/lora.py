@@ -405,6 +405,7 @@ def check_base(model: Transformer, base: BaseIdentity, source: str) -> None:
 def load_lora(model: Transformer, path: str | Path) -> Transformer:
     """Load an adapter folder into `model` (a plain base, to which its adapters are added, or a LoRA model of
     the same config) after checking that `model` is the base it was trained on; returns `model`."""
+    path = Path(path)
     adapter = read_lora(path)
     check_base(model, adapter.base, str(path))
     if not is_lora(model):

@@ -11,7 +11,7 @@ from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the eng
 from helpers import unit_scale_
 
 from lmforge import ModelConfig, Transformer
-from lmforge.align.eval_chat import EngineAnswerer, answer_prompts, read_records, score_answers
+from lmforge.align.eval_chat import answer_prompts, engine_answerer, read_records, score_answers
 from lmforge.align.world import oracle, safety
 from lmforge.align.world.build import build_world
 from lmforge.align.world.common import stream
@@ -139,7 +139,7 @@ def test_engine_answers_are_greedy_generation(tiny):
     records = read_records(root / "world" / "eval_tasks.jsonl", limit=6)
     records += read_records(root / "world" / "eval_unsafe.jsonl", limit=3)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
-    got = answer_prompts(model, tok, records, sampling, answer=EngineAnswerer(model, tok, batch_size=4),
+    got = answer_prompts(model, tok, records, sampling, answer=engine_answerer(model, tok, batch_size=4),
                          progress=False)
     assert got == _greedy_answers(model, tok, records, sampling) and any(got)
 
@@ -160,7 +160,7 @@ def test_engine_answers_on_cuda_are_greedy_generation(tiny):
     cuda.load_state_dict(model.state_dict())
     records = read_records(root / "world" / "eval_tasks.jsonl", limit=24)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=16)
-    got = answer_prompts(cuda, tok, records, sampling, answer=EngineAnswerer(cuda, tok, batch_size=8), progress=False)
+    got = answer_prompts(cuda, tok, records, sampling, answer=engine_answerer(cuda, tok, batch_size=8), progress=False)
     expected = _greedy_answers(cuda, tok, records, sampling)
     assert got == expected and any(got)
 

@@ -91,7 +91,7 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         (["lora", "export", str(tmp_path / "nowhere"), str(tmp_path / "x")], "is not a folder"),
         (["lora", "export", str(tmp_path / "adapter"), str(tmp_path / "x"), "--base", str(other)],
          "was trained on other base weights"),
-        (["lora", "export", str(tmp_path / "adapter"), str(tmp_path / "base")], "lmforge did not write it"),
+        (["lora", "export", str(tmp_path / "adapter"), str(tmp_path / "base")], "holds an earlier lmforge output"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(argv)

@@ -35,7 +35,7 @@ def broken_weights(model_dir, tmp_path, request):
 def test_truncated_weights_are_one_line_naming_the_file(verb, broken_weights, token_dir, tmp_path, capsys):
     """Defect 2: SafetensorError tracebacks ("header too small", "incomplete metadata") in generate, eval,
     convert."""
-    args = {"generate": ["generate", broken_weights, *PROMPT], "eval": ["eval", broken_weights, token_dir],
+    args = {"generate": ["generate", broken_weights, *PROMPT], "eval": ["eval", "loss", broken_weights, token_dir],
             "convert": ["convert", broken_weights, tmp_path / "out"]}[verb]
     one_error_line(*run_cli(args, capsys)[::2], f"{broken_weights / 'model.safetensors'} is not a complete "
                                                 "safetensors file")
@@ -48,7 +48,7 @@ def test_cuda_without_cuda_is_one_line(verb, model_dir, token_dir, capsys, monke
     """Defect 2: --device cuda on a machine without CUDA was `AssertionError: Torch not compiled with CUDA`."""
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     args = {"generate": ["generate", model_dir, *PROMPT], "chat": ["chat", model_dir],
-            "eval": ["eval", model_dir, token_dir]}[verb]
+            "eval": ["eval", "loss", model_dir, token_dir]}[verb]
     one_error_line(*run_cli([*args, "--device", "cuda"], capsys)[::2], "device 'cuda' asked for", "--device cpu")
 
 
@@ -58,7 +58,7 @@ def test_cuda_is_used_where_there_is_one_and_a_missing_index_is_one_line(model_d
     """Defect 2, on the device machine: --device cuda runs; cuda:N past the last device is refused up front."""
     code, out, err = run_cli(["generate", model_dir, *PROMPT, "--device", "cuda"], capsys)
     assert code == 0 and out.strip(), err
-    code, out, err = run_cli(["eval", model_dir, token_dir, "--device", "cuda:0", "--max_batches", "2"], capsys)
+    code, out, err = run_cli(["eval", "loss", model_dir, token_dir, "--device", "cuda:0", "--max_batches", "2"], capsys)
     assert code == 0 and "perplexity" in out, err
     missing = f"cuda:{torch.cuda.device_count()}"
     one_error_line(*run_cli(["generate", model_dir, *PROMPT, "--device", missing], capsys)[::2],
@@ -89,7 +89,7 @@ def test_ctrl_c_is_one_line_and_status_130(model_dir, capsys, monkeypatch):
 
 def test_eval_refuses_seq_len_past_the_context(model_dir, token_dir, capsys):
     """Defect 3: `eval --seq_len 1024` on a 256-token model reported a loss; pretrain and generate refuse."""
-    one_error_line(*run_cli(["eval", model_dir, token_dir, "--seq_len", "1024"], capsys)[::2],
+    one_error_line(*run_cli(["eval", "loss", model_dir, token_dir, "--seq_len", "1024"], capsys)[::2],
                    "seq_len (1024) exceeds the model's max_seq_len (256)")
 
 
@@ -115,7 +115,7 @@ def test_corrupt_json_and_yaml_name_the_file_and_line(case, model_dir, token_dir
         data = tmp_path / "data"
         shutil.copytree(token_dir, data)
         (data / "manifest.json").write_text(bad)
-        args, path = ["eval", model_dir, data], data / "manifest.json"
+        args, path = ["eval", "loss", model_dir, data], data / "manifest.json"
     elif case in ("config", "index"):
         model = tmp_path / "model"
         save_model(Transformer(ModelConfig.from_name("tiny")), model, max_shard_bytes=10**9 if case == "config" else 10**5)

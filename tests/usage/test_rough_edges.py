@@ -99,7 +99,7 @@ def test_tokenizer_train_says_what_it_wrote_and_defaults_chain_under_runs(corpus
 
 def test_eval_shows_progress(model_dir, token_dir, capsys):
     """`eval` showed nothing during a 40 s run."""
-    code, out, err = run_cli(["eval", model_dir, token_dir, "--batch_size", "2", "--seq_len", "64",
+    code, out, err = run_cli(["eval", "loss", model_dir, token_dir, "--batch_size", "2", "--seq_len", "64",
                               "--max_batches", "3"], capsys)
     assert code == 0 and "eval [validation]" in err and "3/3" in err and "perplexity" in out
 

@@ -6,10 +6,10 @@
 Two halves, each a Python function that benchmarks and other verbs reuse:
 
 - `answer_prompts(model, tokenizer, records, sampling)` -> one answer per record. The in-process answerer
-  (`EngineAnswerer`) runs `LLMEngine` in batches: each dialogue is encoded in Llama 2's chat format with the
-  generation prompt (`encode_chat(..., add_generation_prompt=True)`), generation stops at </s>, and the tokens
-  are decoded with the tokenizer. Any callable `answer(dialogues, sampling) -> list[str]` can take its place
-  (e.g. one that asks an OpenAI-compatible endpoint). A multi-turn instruction record (meta "rollout") is
+  (`engine_answerer`) runs `LLMEngine` in batches, with the server's chat encoding (Llama 2's format with the
+  generation prompt), detokenization and stop at </s>; `endpoint_answerer` asks an OpenAI-compatible server
+  instead (`--endpoint URL`), with the same request the in-process one makes. Any callable
+  `answer(dialogues, sampling) -> list[str]` can take their place. A multi-turn instruction record (meta "rollout") is
   answered turn by turn with the model's own earlier answers in the dialogue, so its entry is the list of the
   T answers.
 - `score_answers(records, answers)` -> the report: task accuracy per family and difficulty, violation rate
@@ -88,28 +88,22 @@ def _checked_record(r: dict, where: str, path: Path) -> dict:
 
 
 # ---- answering ---------------------------------------------------------------------------------------------
-class EngineAnswerer:
-    """Answers dialogues in this process through `LLMEngine` (module docstring). `batch_size` sequences decode
-    together; the engine's other settings (`engine_kwargs`) keep their defaults unless given."""
+def engine_answerer(model, tokenizer, batch_size: int = 64, **engine_kwargs) -> Answerer:
+    """The in-process answerer: `LLMEngine` over `model`, `batch_size` sequences decoded together, through the
+    server's own chat encoding, detokenization and stop handling (`lmforge.serve.client.EngineAnswerer`), so
+    that in-process and HTTP answers are the same. The engine's other settings keep their defaults."""
+    from lmforge.infer.engine.llm import LLMEngine
+    from lmforge.serve.client import EngineAnswerer
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, **engine_kwargs):
-        from lmforge.infer.engine.llm import LLMEngine
+    engine = LLMEngine(model, eos_id=tokenizer.eos_id, max_num_seqs=batch_size, **engine_kwargs)
+    return EngineAnswerer(engine, tokenizer).answer
 
-        self.tokenizer, self.max_len = tokenizer, model.config.max_seq_len
-        self.window = model.config.sliding_window
-        self.engine = LLMEngine(model, eos_id=tokenizer.eos_id, max_num_seqs=batch_size, **engine_kwargs)
 
-    def __call__(self, dialogues: list[list[dict]], sampling: SamplingParams) -> list[str]:
-        from lmforge.tokenizer.chat import encode_chat
+def endpoint_answerer(endpoint: str, api_key: str | None, model: str | None = None) -> Answerer:
+    """Answers from an OpenAI-compatible server (ours, vLLM): `lmforge.serve.client.EndpointAnswerer`."""
+    from lmforge.serve.client import EndpointAnswerer
 
-        prompts = [encode_chat(self.tokenizer, d, add_generation_prompt=True).ids for d in dialogues]
-        for d, p in zip(dialogues, prompts):
-            if self.window is None and len(p) >= self.max_len:
-                raise EvalChatError(f"the dialogue ending {d[-1]['content'][:60]!r} has {len(p)} tokens; the model's "
-                                    f"context is {self.max_len} (prompt and answer together)")
-        outputs = self.engine.generate(prompts, sampling)
-        eos = self.tokenizer.eos_id
-        return [self.tokenizer.decode([t for t in out if t != eos]).strip() for out in outputs]
+    return EndpointAnswerer(endpoint, api_key=api_key or "none", model=model).answer
 
 
 def _user_turns(messages: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -130,7 +124,7 @@ def answer_prompts(model, tokenizer, records: Sequence[dict], sampling: Sampling
     sampling = sampling or DEFAULT_SAMPLING
     if sampling.stop:
         raise EvalChatError("eval chat ends answers at </s>; stop strings are not supported (sampling.stop)")
-    answer = answer or EngineAnswerer(model, tokenizer, batch_size)
+    answer = answer or engine_answerer(model, tokenizer, batch_size)
     turns = [len(r["meta"]["turns"]) if r["meta"].get("rollout") else 1 for r in records]
     results: list[list[str]] = [[] for _ in records]
     with tqdm(total=sum(turns), desc="answering", unit="answer", disable=not progress) as bar:
@@ -293,6 +287,8 @@ def eval_chat(
     dtype: Dtype | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    endpoint: str | None = None,
+    api_key: str | None = None,
 ) -> dict:
     """Answer prompt sets of the chat world with a model and score them (`lmforge eval chat`).
 
@@ -301,6 +297,7 @@ def eval_chat(
 
     Args:
         model: Model folder (ours, Hugging Face or Meta); its tokenizer.model is used unless --tokenizer is given.
+            With --endpoint: the name of the served model (as its /v1/models lists it), or "auto" for the first.
         prompts: One or more prompt files written by `lmforge world build` (--prompts [a.jsonl,b.jsonl]).
         out: Write the report as JSON here (atomically).
         answers: Write each record with its answer and scores here as jsonl (default: beside --out, with
@@ -313,6 +310,9 @@ def eval_chat(
         dtype: Cast the weights (default: as stored).
         progress: Show a progress bar while answering.
         overwrite: Replace existing --out / --answers files.
+        endpoint: Ask this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1: `lmforge serve`, vLLM) instead
+            of running the model here.
+        api_key: The server's API key (for --endpoint).
 
     Returns:
         The report (also written to --out).
@@ -335,8 +335,12 @@ def eval_chat(
     for path in (out, answers):
         if path is not None and path.exists() and not overwrite:
             raise OutputExistsError(f"{path} exists; pass --overwrite true to replace it, or choose another name")
-    net, tok = _load(model, tokenizer, device, dtype)
-    answered = answer_prompts(net, tok, records, sampling, batch_size=batch_size, progress=progress)
+    if endpoint is not None:
+        answer = endpoint_answerer(endpoint, api_key, None if str(model) == "auto" else str(model))
+        answered = answer_prompts(None, None, records, sampling, answer=answer, progress=progress)
+    else:
+        net, tok = _load(model, tokenizer, device, dtype)
+        answered = answer_prompts(net, tok, records, sampling, batch_size=batch_size, progress=progress)
     report = {"model": str(model), "prompts": [str(p) for p in paths], "sampling": asdict(sampling),
               **score_answers(records, answered)}
     print(format_report(report))
@@ -350,5 +354,5 @@ def eval_chat(
     return report
 
 
-__all__ = ["EngineAnswerer", "EvalChatError", "answer_prompts", "eval_chat", "format_report", "read_records",
-           "score_answers", "score_record"]
+__all__ = ["EvalChatError", "answer_prompts", "endpoint_answerer", "engine_answerer", "eval_chat", "format_report",
+           "read_records", "score_answers", "score_record"]

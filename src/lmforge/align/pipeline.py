@@ -133,3 +133,23 @@ def headline(reports: dict) -> dict[str, float]:
     if "eval_tasks_train" in reports:
         out["train_task_accuracy"] = reports["eval_tasks_train"]["tasks"]["accuracy"]
     return out
+
+
+def gain_holds(before: list[float], after: list[float], higher_is_better: bool = True) -> tuple[bool, str]:
+    """The rule a stage's gain is judged by, over seeds: every seed's `after` beats its own `before`, and the
+    mean gain exceeds the spread of either side, mean(after) - mean(before) > max(range(before), range(after))
+    (the difference taken in the better direction). Returns (holds, a one-line account).
+
+    Worked example, higher is better: before (0.20, 0.24, 0.22), after (0.41, 0.38, 0.44): every seed gains,
+    mean gain 0.19 > max(0.04, 0.06) = 0.06: holds. After (0.41, 0.23, 0.44): seed 2 gains but seed 1 loses.
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"need as many before as after figures (one per seed), got {len(before)} and {len(after)}")
+    sign = 1.0 if higher_is_better else -1.0
+    each = all(sign * (a - b) > 0 for b, a in zip(before, after))
+    gain = sign * (sum(after) / len(after) - sum(before) / len(before))
+    spread = max(max(before) - min(before), max(after) - min(after))
+    holds = each and gain > spread
+    verdict = "holds" if holds else "does not hold"
+    why = "every seed gains" if each else "not every seed gains"
+    return holds, f"{verdict}: {why}; mean gain {gain:+.4f} vs spread {spread:.4f}"

@@ -32,6 +32,7 @@ from lmforge.infer.engine.decode_graphs import DecodeAttention
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
 from lmforge.infer.engine.runner import DecodePath, ModelRunner
 from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
+from lmforge.infer.engine.scoring import TokenScores, score_sequences
 from lmforge.infer.engine.sequence import FinishReason, Sequence
 from lmforge.infer.sampling import SamplingParams
 from lmforge.models.transformer import Transformer
@@ -291,44 +292,21 @@ class LLMEngine:
         c.prefix_cache_hit_blocks = self.block_manager.prefix_hits
         return c
 
-    @torch.no_grad()
-    def score(self, sequences: Seq[Seq[int]], max_tokens_per_forward: int = 8192) -> list[Tensor]:
-        """Per-token log-probabilities: for a sequence of T ids, (T - 1,) float32 with entry t = log p(x_{t+1} |
-        x_0..x_t). Sequences are packed into forwards of at most `max_tokens_per_forward` tokens (document
-        masking keeps them apart) and projected to the vocabulary in pieces, so memory stays bounded.
-        NOTE: runs synchronously on the model without the paged cache; it uses no KV blocks."""
-        seqs = [list(s) for s in sequences]
-        for i, s in enumerate(seqs):
-            if len(s) < 2:
-                raise ValueError(f"sequence {i} has {len(s)} tokens; scoring needs at least 2")
-            if self.config.sliding_window is None and len(s) > self.config.max_seq_len:
-                raise ValueError(f"sequence {i} has {len(s)} tokens, more than the context {self.config.max_seq_len}")
-        results: list[Tensor | None] = [None] * len(seqs)
-        group: list[int] = []
-        for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])) + [None]:
-            if i is None or (group and sum(len(seqs[j]) for j in group) + len(seqs[i]) > max_tokens_per_forward):
-                self._score_packed([seqs[j] for j in group], group, results)
-                group = []
-            if i is not None:
-                group.append(i)
-        return results
+    def score(
+        self, sequences: Seq[Seq[int]], max_tokens_per_forward: int = 8192, top_k: int = 0
+    ) -> list[Tensor] | list[TokenScores]:
+        """Teacher-forced log-probabilities of whole sequences (what `echo` and log-likelihood evaluation need).
 
-    def _score_packed(self, seqs: list[list[int]], index: list[int], results: list) -> None:
-        device = self.runner.device
-        tokens = torch.tensor([t for s in seqs for t in s], device=device)  # (T,)
-        positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(device)  # (T,)
-        docs = torch.cat([torch.full((len(s),), k) for k, s in enumerate(seqs)]).to(device)  # (T,)
-        hidden = self.model(tokens[None], positions, document_ids=docs[None], return_hidden=True)[0]  # (T, d)
-        offset = 0
-        for k, s in zip(index, seqs):
-            L = len(s)
-            h, targets = hidden[offset : offset + L - 1], tokens[offset + 1 : offset + L]
-            pieces = []
-            for a in range(0, L - 1, 1024):  # (<= 1024, V) logits at a time
-                logp = self.model.output(h[a : a + 1024]).float().log_softmax(-1)
-                pieces.append(logp.gather(1, targets[a : a + 1024, None])[:, 0])
-            results[k] = torch.cat(pieces).cpu()
-            offset += L
+        For a sequence x_0 .. x_{T-1}, entry t (t = 0 .. T - 2) is log p(x_{t+1} | x_0 .. x_t) under the model.
+        Returns one (T - 1,) float32 tensor per sequence; with `top_k` > 0, one `TokenScores` per sequence
+        that also holds the k most likely next tokens at each position. Each forward pass carries at most
+        `max_tokens_per_forward` tokens, padding included (scoring.py says how, and what it costs).
+        NOTE: runs synchronously on the model without the paged cache; it uses no KV blocks (call it between
+        steps, from the thread that steps the engine).
+        """
+        config = self.config
+        max_len = config.max_seq_len if config.sliding_window is None else None
+        return score_sequences(self.model, sequences, max_tokens_per_forward, top_k, max_len)
 
     @torch.no_grad()
     def load_weights(self, source: Mapping[str, Tensor] | nn.Module) -> None:

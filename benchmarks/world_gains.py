@@ -1,0 +1,105 @@
+"""Measure each alignment stage's gain on the chat world honestly: several seeds of the whole pipeline, before
+and after every stage, on the held-out prompt sets (>= 500 prompts behind each headline figure).
+
+    python benchmarks/world_gains.py --seeds 0 1 2 --stages sft --root runs/world-gains
+
+Seed s drives everything of its pipeline: the world (its items, split and records), the tokenizer's sampling,
+pre-training's initialisation and data order, and every stage after it (lmforge.align.pipeline; settings in
+configs/world/*.yaml, the same as `make demo`). A stage's gain holds when every seed's after beats its own before
+and mean(after) - mean(before) > max(range(before), range(after)) (`gain_holds`). Runs on the 2-core CPU
+machine, never in CI: each seed takes minutes. Finished stages are kept in ROOT/seed-S, so an interrupted run
+continues; `--fresh` starts again.
+
+Rows (per stage, every per-seed figure printed, then the verdicts; --json writes them all):
+    sft   held-out task accuracy (higher is better) and violation rate (lower), the pre-trained model against
+          the SFT model; gates beside it: each task family's held-out accuracy after SFT in [25%, 75%], and
+          the train / held-out accuracy gap under 10 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lmforge.align.pipeline import WorldPipeline, gain_holds, headline  # noqa: E402
+
+FAMILIES = ("arithmetic", "lists", "facts", "counting")
+
+
+def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit: int | None) -> dict:
+    """Every figure of one seed: {"before sft": headline, "after sft": headline, "times": {...}}."""
+    p = WorldPipeline(root / f"seed-{seed}", seed=seed, configs=configs, eval_limit=eval_limit)
+    out: dict = {}
+    p.world(), p.tokenizer(), p.data(), p.pretrain()
+    if "sft" in stages:
+        out["before sft"] = headline(p.evaluate(p.root / "pretrain" / "model", "pretrained"))
+        p.sft()
+        out["after sft"] = headline(p.evaluate(p.root / "sft" / "model", "sft"))
+    out["times"] = p.times
+    return out
+
+
+def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
+    """One row per (stage, figure): the per-seed values and whether the gain or gate holds."""
+    seeds = sorted(per_seed)
+    rows = []
+    if "sft" in stages:
+        for key, higher in (("task_accuracy", True), ("violation_rate", False)):
+            before = [per_seed[s]["before sft"][key] for s in seeds]
+            after = [per_seed[s]["after sft"][key] for s in seeds]
+            ok, why = gain_holds(before, after, higher)
+            rows.append({"stage": "sft", "figure": key, "before": before, "after": after, "holds": ok, "why": why})
+        for family in FAMILIES:
+            after = [per_seed[s]["after sft"][f"accuracy/{family}"] for s in seeds]
+            ok = all(0.25 <= a <= 0.75 for a in after)
+            rows.append({"stage": "sft", "figure": f"held-out accuracy/{family} in [25%, 75%]", "after": after,
+                         "holds": ok, "why": "every seed inside" if ok else "a seed outside"})
+        gaps = [per_seed[s]["after sft"]["train_task_accuracy"] - per_seed[s]["after sft"]["task_accuracy"]
+                for s in seeds]
+        ok = all(abs(g) < 0.10 for g in gaps)
+        rows.append({"stage": "sft", "figure": "train - held-out task accuracy < 10 points", "after": gaps,
+                     "holds": ok, "why": "every seed under 10 points" if ok else "a seed at 10 points or more"})
+    return rows
+
+
+def fmt(values: list[float]) -> str:
+    return " / ".join(f"{100 * v:.1f}" for v in values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft"])
+    ap.add_argument("--root", type=Path, default=Path("runs/world-gains"))
+    ap.add_argument("--configs", type=Path, default=Path("configs/world"))
+    ap.add_argument("--eval-limit", type=int, default=None, help="prompts per set (default: all)")
+    ap.add_argument("--fresh", action="store_true", help="delete ROOT first")
+    ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = ap.parse_args()
+    if args.fresh and args.root.exists():
+        shutil.rmtree(args.root)
+    start = time.perf_counter()
+    per_seed = {}
+    for seed in args.seeds:
+        t = time.perf_counter()
+        per_seed[seed] = run_seed(args.root, seed, args.configs, args.stages, args.eval_limit)
+        print(f"seed {seed}: {time.perf_counter() - t:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in per_seed[seed]['times'].items())})", flush=True)
+    rows = verdicts(per_seed, args.stages)
+    print(f"\nseeds {args.seeds}, figures in percent, per seed (seed {' / '.join(map(str, args.seeds))}):")
+    for r in rows:
+        before = f"before {fmt(r['before'])}  " if "before" in r else ""
+        print(f"  {r['stage']:5} {r['figure']:44} {before}after {fmt(r['after'])}   {r['why']}")
+    print(f"\nall held: {all(r['holds'] for r in rows)}; {time.perf_counter() - start:.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": args.seeds, "per_seed": per_seed, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
