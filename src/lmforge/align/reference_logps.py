@@ -58,6 +58,17 @@ def sequence_logprobs(train_net: torch.nn.Module, net: torch.nn.Module, tokens: 
     return (logp * mask[:, 1:]).sum(-1)
 
 
+def _name(source: int, split: str, start: int) -> str:
+    return f"s{source}-{split}-{start // CHUNK:05d}.npy"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _key(sets: list[PairSet], fingerprint: str) -> str:
     digest = hashlib.sha256(fingerprint.encode())
     for s in sets:
@@ -86,15 +97,20 @@ def fill_reference(sets: list[PairSet], folder: Path, reference: torch.nn.Module
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_file(key_file, "w", encoding="utf-8") as f:
             f.write(json.dumps({"key": key}) + "\n")
+    _barrier()
     jobs = [(k, split, c) for k, s in enumerate(sets) for split in ("train", "validation")
             for c in range(0, len(s.splits[split]), CHUNK)]
+    # NOTE: every rank decides what is missing before rank 0 writes anything new: a rank that found a chunk
+    # written meanwhile would skip a forward pass that is collective under FSDP.
+    cached = {job: (folder / _name(*job)).is_file() for job in jobs}
+    _barrier()
     was_training = reference.training
     reference.eval()
     try:
         for k, split, start in tqdm(jobs, desc="reference log-probs", unit="chunk", disable=not progress):
             pairs = sets[k].splits[split][start : start + CHUNK]
-            path = folder / f"s{k}-{split}-{start // CHUNK:05d}.npy"
-            if path.is_file():
+            path = folder / _name(k, split, start)
+            if cached[k, split, start]:
                 values = np.load(path)
             else:
                 rows = []
@@ -112,6 +128,7 @@ def fill_reference(sets: list[PairSet], folder: Path, reference: torch.nn.Module
                 p.reference = (c, r)
     finally:
         reference.train(was_training)
+    _barrier()  # every chunk written before any rank reads the folder again
 
 
 __all__ = ["CHUNK", "fill_reference", "sequence_logprobs"]

@@ -77,9 +77,8 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
         return []
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for i in order[:1]:
-        if len(sequences[i]) < 1:
-            raise ValueError(f"sequence {i} is empty: a reward is read at a sequence's last token")
+    if not sequences[order[0]]:
+        raise ValueError(f"sequence {order[0]} is empty: a reward is read at a sequence's last token")
     scores = [0.0] * len(sequences)
     start = 0
     while start < len(order):
