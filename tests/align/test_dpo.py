@@ -103,3 +103,22 @@ def test_the_reference_cache_continues_an_interrupted_pass_and_refills_for_anoth
     assert again[:4] == [(c + 1.0, r + 1.0) for c, r in first[:4]] and again[8:] == first[8:]
     fill_reference(sets, tmp_path / "ref", net, "weights-2", **kw)  # another reference: everything recomputed
     assert np.allclose([p.reference for p in sets[0].splits["train"]], first, rtol=1e-6, atol=0)
+
+
+def test_a_reference_model_from_another_folder(tiny_folders, pair_files, tmp_path):  # noqa: F811
+    """--ref_model loads the reference from its folder for the pass: the same weights as a Hugging Face folder give
+    the same first step (ln 2); other weights give another one."""
+    main(dpo_args(tiny_folders["ours"], pair_files, tmp_path / "same", "--train.steps", "1", "--ref_model",
+                  str(tiny_folders["hf"])))
+    assert losses(tmp_path / "same") == pytest.approx(GOLDEN[:1], rel=1e-5)
+    from lmforge.models.checkpoint import save_model
+
+    torch.manual_seed(1)
+    save_model(Transformer(ModelConfig.from_name("tiny")), tmp_path / "other", tokenizer_path=tokenizer_of(tiny_folders))
+    main(dpo_args(tiny_folders["ours"], pair_files, tmp_path / "run", "--train.steps", "1", "--ref_model",
+                  str(tmp_path / "other")))
+    assert abs(losses(tmp_path / "run")[0] - LN2) > 1e-2
+
+
+def tokenizer_of(folders):
+    return folders["ours"] / "tokenizer.model"

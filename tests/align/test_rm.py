@@ -12,9 +12,11 @@ from helpers import one_torch_thread, unit_scale_  # noqa: F401  (one_torch_thre
 from lmforge import ModelConfig, Transformer
 from lmforge.align.preference_data import (
     PairLoader,
+    PreferenceDataError,
     epoch_size,
     pair_batch,
     preference_record,
+    read_preferences,
     tokenize_pairs,
 )
 from lmforge.align.reward_model import init_reward_model
@@ -187,3 +189,29 @@ def test_llama_2s_two_mixes_from_a_preferences_folder(tiny_folders, pair_files, 
                              run=RunConfig(progress=False, checkpoint_every=0))
     assert json.loads((run / "summary.json").read_text())["pairs_per_epoch"] == 18
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_the_three_preference_formats_give_the_same_pairs(tmp_path):
+    """TRL's conversational, text and implicit-prompt formats (and parquet) read as the same pair."""
+    user, good, bad = "how many", "three", "two"
+    records = {
+        "conversational": {"prompt": [{"role": "user", "content": user}], "chosen": [{"role": "assistant", "content": good}],
+                           "rejected": [{"role": "assistant", "content": bad}]},
+        "text": {"prompt": user, "chosen": good, "rejected": bad},
+        "implicit": {"chosen": [{"role": "user", "content": user}, {"role": "assistant", "content": good}],
+                     "rejected": [{"role": "user", "content": user}, {"role": "assistant", "content": bad}]},
+    }
+    got = {}
+    for name, r in records.items():
+        (pair,) = read_preferences(write_jsonl(tmp_path / f"{name}.jsonl", [r]))
+        got[name] = (pair.prompt, pair.chosen, pair.rejected)
+    assert got["text"] == got["conversational"] == got["implicit"] == ([{"role": "user", "content": user}], good, bad)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([records["text"]]), tmp_path / "p.parquet")
+    (pair,) = read_preferences(tmp_path / "p.parquet")
+    assert (pair.prompt, pair.chosen, pair.rejected) == got["text"]
+    other = {**records["implicit"], "rejected": [{"role": "user", "content": "else"}, {"role": "assistant", "content": bad}]}
+    with pytest.raises(PreferenceDataError, match="its messages before the answer differ"):
+        read_preferences(write_jsonl(tmp_path / "x.jsonl", [other]))

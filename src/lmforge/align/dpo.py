@@ -16,7 +16,7 @@ as everywhere else), batches of 64 pairs, one epoch; AdamW 0.9 / 0.95 with weigh
                    loss = mean over the step's pairs of -log sigma(beta (log pi/pi_ref (y_c) - log pi/pi_ref (y_r)))
     clip, stop if not finite, AdamW, schedule; logged: implicit-reward accuracy and margin, rewards of each side
 
-NOTE: the reference is the policy's starting point unless `reference` names another folder: then, and when
+NOTE: the reference is the policy's starting point unless `ref_model` names another folder: then, and when
 the cache must be rebuilt on a resumed run, the reference is loaded from its folder for the pass and freed.
 Around the loop: the training harness (run folder, resume, SIGTERM, metrics, summary, plot, export), as in
 `lmforge sft`. Returns the run folder; the trained policy is in its model/.
@@ -101,7 +101,7 @@ def dpo_backward(train_net, net, batches: list[PairBatch], *, device, dp, precis
 
 def dpo(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig(), loss: DPOLossConfig = DPOLossConfig(),
         train: PairTrainConfig = DPO_TRAIN, optim: OptimConfig = DPO_OPTIM, run: RunConfig = RunConfig(),
-        parallel: ParallelConfig = ParallelConfig(), lora: LoraConfig = LoraConfig(), reference: str | None = None):
+        parallel: ParallelConfig = ParallelConfig(), lora: LoraConfig = LoraConfig(), ref_model: str | None = None):
     """Fine-tune a model on preference pairs with DPO against a frozen reference (`lmforge dpo`).
 
     Args:
@@ -115,7 +115,7 @@ def dpo(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig(), los
         parallel: FSDP2 / DDP under torchrun, activation checkpointing, torch.compile.
         lora: Low-rank adapters (--lora.rank 16 ...): only they train; the run writes the adapters to RUN/adapter
             and the merged model to RUN/model. Rank 0: off.
-        reference: The frozen reference model's folder; None: init_from (the policy's starting point).
+        ref_model: The frozen reference model's folder; None: init_from (the policy's starting point).
     """
     from lmforge.lora import base_fingerprint, base_state_dict
 
@@ -132,7 +132,7 @@ def dpo(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig(), los
     train_net = parallelize(net, parallel, device, place.mesh)
     optimizer, params = build_optimizer(net, optim), trainable(net)
     scheduler = build_scheduler(optimizer, optim, total)
-    config = {"init_from": init_from, "reference": reference, "data": data, "loss": loss, "train": train,
+    config = {"init_from": init_from, "ref_model": ref_model, "data": data, "loss": loss, "train": train,
               "optim": optim, "run": run, "parallel": parallel, "lora": lora}
     state = harness.TrainState(modules={"model": net}, optimizers={"model": optimizer},
                                schedulers={"model": scheduler}, loaders={"train": loader},
@@ -146,12 +146,12 @@ def dpo(init_from: str, data: PreferenceDataConfig = PreferenceDataConfig(), los
     net.train()  # (fill_reference switches a model to eval mode for its pass and back)
     cache = dict(device=device, precision=train.precision, batch_pairs=train.micro_batch_size,
                  loss_chunk=train.loss_chunk, is_main=job.is_main, progress=run.progress)
-    if reference is None and job.step == 0:  # the policy has not moved yet: it is the reference
+    if ref_model is None and job.step == 0:  # the policy has not moved yet: it is the reference
         fill_reference(pairs.sets, job.dir / "reference", net, start_fingerprint, **cache)
     else:
         from lmforge.models.checkpoint import load_model
 
-        ref = load_model(reference or init_from, device=device, dtype=next(net.parameters()).dtype)
+        ref = load_model(ref_model or init_from, device=device, dtype=next(net.parameters()).dtype)
         fill_reference(pairs.sets, job.dir / "reference", ref, base_fingerprint(ref.state_dict()), **cache)
         del ref
 
