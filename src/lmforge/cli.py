@@ -26,6 +26,15 @@ VERBS: dict = {
     "chat": "lmforge.infer.cli:chat",
     "pretrain": "lmforge.train.pretrain:pretrain",
     "sft": "lmforge.align.sft:sft",
+    "preferences": {"_help": "Preference data: `lmforge preferences collect` samples two answers per prompt and "
+                             "labels them with the chat world's oracle (Llama 2's degrees and safety bins).",
+                    "collect": "lmforge.align.preferences:collect_preferences"},
+    "rm": {"_help": "Reward models: `rm train` (Llama 2's ranking loss with margins), `rm eval` (accuracy per "
+                    "degree and safety bin, calibration), `rm score` (scores of dialogues).",
+           "train": "lmforge.align.rm:rm_train",
+           "eval": "lmforge.align.rm_eval:rm_eval",
+           "score": "lmforge.align.rm_eval:rm_score"},
+    "dpo": "lmforge.align.dpo:dpo",
     "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
