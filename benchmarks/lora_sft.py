@@ -18,11 +18,8 @@ longest example, here all of one length), sdpa attention, as its users run it. l
 `lmforge.lora.apply_lora`, per-block torch.compile (`lmforge.parallel.parallelize`) and the fused linear
 cross-entropy of `lmforge.train.linear_ce`.
 
-GAP (issue 21, until the SFT harness lands): the lmforge side calls `lmforge.train.sft.build_sft_step` if it
-exists (expected: `build_sft_step(model, lora=LoraConfig, parallel=ParallelConfig, device=torch.device)` ->
-`step(inputs, targets, loss_mask) -> detached loss`, one optimizer step on one micro-batch of the real
-`lmforge sft` loop); otherwise it times `_standin_step` below, built from the same parts pretrain's loop uses.
-Each row names which one ran ("lmforge-sft" or "lmforge-standin").
+The lmforge side runs `lmforge sft`'s step: `train.lm_step.next_token_backward` on one micro-batch (one example a
+row, so no document mask), clipping of the trainable parameters, AdamW on the adapters.
 
 Every (system, micro-batch) runs in a fresh subprocess, so each peak memory is its own. Warm-up steps (compile,
 allocator growth) are not timed. Prints one table; writes JSON to $OUT/lora_sft.json if OUT is set.
@@ -73,29 +70,28 @@ def next_token_targets(ids: torch.Tensor, completion: torch.Tensor) -> tuple[tor
     return targets, mask
 
 
-def _standin_step(model, device: torch.device, compile: bool, checkpointing: str):
-    """One LoRA SFT optimizer step on one micro-batch, from the parts `lmforge pretrain` uses (a stand-in for
-    the SFT harness's step; see GAP in the module docstring)."""
+def _sft_step(model, device: torch.device, compile: bool, checkpointing: str):
+    """One LoRA SFT optimizer step on one micro-batch: `lmforge sft`'s step function on the adapted model."""
+    from lmforge.data.loader import Batch
     from lmforge.lora import ALL_TARGETS, LoraConfig, apply_lora
-    from lmforge.parallel import ParallelConfig, parallelize
-    from lmforge.train.evaluate import autocast_context
-    from lmforge.train.linear_ce import linear_cross_entropy
+    from lmforge.parallel import DataParallelRank, ParallelConfig, clip_grad_norm_, parallelize
+    from lmforge.train.lm_step import next_token_backward, trainable
 
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS))
     net = parallelize(model, ParallelConfig(mode="none", compile=compile, activation_checkpointing=checkpointing),
                       device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    dp = DataParallelRank()
 
     def step(inputs, targets, mask):
-        with autocast_context(device, "auto"):
-            hidden = net(inputs, return_hidden=True)
-            loss = linear_cross_entropy(hidden, model.output.weight, targets, mask) / mask.sum().clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        batch = Batch(inputs, targets, mask, torch.zeros_like(inputs, dtype=torch.int32))
+        loss = next_token_backward(net, model, [batch], device=device, dp=dp, precision="auto", loss_chunk=4096,
+                                   document_masking=False).loss
+        clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     return step
 
@@ -105,18 +101,7 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
 
     with torch.device(device), _base_dtype(device):
         model = Transformer(cfg)  # random init
-    try:
-        from lmforge.train.sft import build_sft_step  # GAP: the SFT harness's step, once it exists
-    except ImportError:
-        system, step = "lmforge-standin", _standin_step(model, device, bool(args.compile), args.checkpointing)
-    else:
-        from lmforge.lora import ALL_TARGETS, LoraConfig
-        from lmforge.parallel import ParallelConfig
-
-        system = "lmforge-sft"
-        parallel = ParallelConfig(compile=bool(args.compile), activation_checkpointing=args.checkpointing)
-        step = build_sft_step(model, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS), parallel=parallel,
-                              device=device)
+    system, step = "lmforge-sft", _sft_step(model, device, bool(args.compile), args.checkpointing)
     ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
     B, n = args.micro_batch, args.examples // args.micro_batch
     times, losses = [], []
