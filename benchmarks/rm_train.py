@@ -131,7 +131,8 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
             output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
             max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.1, adam_beta2=0.95, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-            max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda", max_length=args.seq_len,
+            max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda",
+            gradient_checkpointing=bool(args.trl_checkpointing),  # TRL's own default is True; lmforge's side: off max_length=args.seq_len,
             logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none", dataloader_num_workers=0,
             disable_tqdm=True, seed=0,
         )
@@ -160,10 +161,11 @@ def worker(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_arguments(ap, ["rm", "pretrain", "trl"], micro_batches="8", seq_len=1024)  # pairs; tokens per answer
+    ap.add_argument("--trl_checkpointing", type=int, default=0, help="TRL: gradient checkpointing (its default: 1)")
     args = ap.parse_args()
     if as_worker(args, worker):
         return
-    rows = run_grid(__file__, args, [])
+    rows = run_grid(__file__, args, ["--trl_checkpointing", str(args.trl_checkpointing)])
     print(f"\n{'system':18s} {'pairs':>5s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
     for r in rows:
         figures = r.get("error", "")[:300] or (f"{r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {r['peak_gib']:9.1f} "

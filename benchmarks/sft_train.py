@@ -188,6 +188,7 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
             max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.1, adam_beta2=0.95, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
             max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda",
+            gradient_checkpointing=bool(args.trl_checkpointing),  # TRL's own default is True; lmforge's side: off
             max_length=args.seq_len + 1, packing=False, padding_free=False, completion_only_loss=True,
             logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none", dataloader_num_workers=0,
             disable_tqdm=True, seed=0,
@@ -222,10 +223,12 @@ def main() -> None:
     add_grid_arguments(ap, ["sft", "sft-padded", "pretrain", "trl"], micro_batches="8", seq_len=2048)
     ap.add_argument("--min_len", type=int, default=128, help="shortest dialogue, in tokens")
     ap.set_defaults(examples=512)
+    ap.add_argument("--trl_checkpointing", type=int, default=0, help="TRL: gradient checkpointing (its default: 1)")
     args = ap.parse_args()
     if as_worker(args, worker):
         return
-    rows = run_grid(__file__, args, ["--min_len", str(args.min_len)])
+    rows = run_grid(__file__, args, ["--trl_checkpointing", str(args.trl_checkpointing), "--min_len",
+                                      str(args.min_len)])
     print(f"\n{'system':20s} {'rows':>4s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
     for r in rows:
         figures = r.get("error", "")[:300] or (f"{r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {r['peak_gib']:9.1f} "
