@@ -43,8 +43,9 @@ import tempfile
 import time
 
 import torch
-
-from train_throughput import hf_model  # the same Hugging Face model for the same ModelConfig
+from train_throughput import (
+    hf_model,  # the same Hugging Face model for the same ModelConfig
+)
 
 from lmforge import ModelConfig
 
@@ -74,7 +75,7 @@ def _sft_step(model, device: torch.device, compile: bool, checkpointing: str):
     """One LoRA SFT optimizer step on one micro-batch: `lmforge sft`'s step function on the adapted model."""
     from lmforge.data.loader import Batch
     from lmforge.lora import ALL_TARGETS, LoraConfig, apply_lora
-    from lmforge.parallel import DataParallelRank, ParallelConfig, clip_grad_norm_, parallelize
+    from lmforge.parallel import DataParallelRank, ParallelConfig, parallelize
     from lmforge.train.lm_step import next_token_backward, trainable
 
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS))
@@ -88,9 +89,7 @@ def _sft_step(model, device: torch.device, compile: bool, checkpointing: str):
         batch = Batch(inputs, targets, mask, torch.zeros_like(inputs, dtype=torch.int32))
         loss = next_token_backward(net, model, [batch], device=device, dp=dp, precision="auto", loss_chunk=4096,
                                    document_masking=False).loss
-        clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(params, opt)
         return loss
 
     return step
@@ -116,6 +115,26 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"system": system, "step_s": sum(times) / len(times), "loss": float(losses[-1])}
+
+
+def update(params, opt) -> None:
+    """The end of every lmforge step here, as in the verbs' loops: clip at 1.0, AdamW, zero the gradients."""
+    from lmforge.parallel import clip_grad_norm_
+
+    clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def trl_arguments(args, device: torch.device, out: str, lr: float, weight_decay: float, **extra) -> dict:
+    """The TrainingArguments every TRL side shares: the micro-batch, warm-up + timed steps, a constant lr,
+    fused AdamW, clipping at 1.0, bf16 autocast on CUDA, no saving, logging or workers."""
+    return dict(output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+                max_steps=args.warmup + args.steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=weight_decay, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+                max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda",
+                logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none",
+                dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
 
 
 def ids_tokenizer(pad_token: str = "</s>"):
@@ -162,16 +181,10 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
     dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": completion.int().tolist()})
     timer = step_timer(device, args.warmup)
     with tempfile.TemporaryDirectory() as out:
-        sft_args = trl.SFTConfig(
-            output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.0, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", max_grad_norm=1.0,
-            bf16=device.type == "cuda", use_cpu=device.type != "cuda",
-            gradient_checkpointing=args.checkpointing == "full",
-            gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=args.seq_len, packing=False,
-            padding_free=False, completion_only_loss=True, logging_steps=args.warmup + args.steps,
-            save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        )
+        sft_args = trl.SFTConfig(**trl_arguments(args, device, out, LR, weight_decay=0.0),
+                                 gradient_checkpointing=args.checkpointing == "full",
+                                 gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=args.seq_len,
+                                 packing=False, padding_free=False, completion_only_loss=True)
         peft_config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS,
                                       bias="none", task_type="CAUSAL_LM")
         trainer = trl.SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,

@@ -38,14 +38,22 @@ benchmarks/rm_train.py (trl 1.16.0, datasets 5.2.0, dill 0.4.1, multiprocess 0.7
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 
 import numpy as np
 import torch
-
-from lora_sft import _sync, add_grid_arguments, as_worker, ids_tokenizer, run_grid, step_timer, write_rows
+from lora_sft import (
+    _sync,
+    add_grid_arguments,
+    as_worker,
+    ids_tokenizer,
+    run_grid,
+    step_timer,
+    trl_arguments,
+    update,
+    write_rows,
+)
 from rm_train import TINYLLAMA
 from train_throughput import hf_model
 
@@ -122,7 +130,7 @@ def pretrain_batches(data, seq_len: int, micro_batch: int):
 def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
     """`sft`, `sft-padded` or `pretrain` (module docstring): the real step function of the two verbs."""
     from lmforge import Transformer
-    from lmforge.parallel import DataParallelRank, ParallelConfig, clip_grad_norm_, parallelize
+    from lmforge.parallel import DataParallelRank, ParallelConfig, parallelize
     from lmforge.train.lm_step import next_token_backward
     from lmforge.train.optim import OptimConfig, build_optimizer
 
@@ -145,9 +153,7 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
         batch, real = batches[i % len(batches)]
         loss = next_token_backward(net, model, [batch], device=device, dp=dp, precision="auto", loss_chunk=4096,
                                    document_masking=args.worker == "sft").loss
-        clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(params, opt)
         return loss, real
 
     warmup = args.warmup
@@ -183,16 +189,10 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
                                           "completion_mask": [learn.astype(int).tolist() for _, learn in data]})
     timer = step_timer(device, args.warmup)
     with tempfile.TemporaryDirectory() as out:
-        config = trl.SFTConfig(
-            output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.1, adam_beta2=0.95, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-            max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda",
-            gradient_checkpointing=bool(args.trl_checkpointing),  # TRL's own default is True; lmforge's side: off
-            max_length=args.seq_len + 1, packing=False, padding_free=False, completion_only_loss=True,
-            logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none", dataloader_num_workers=0,
-            disable_tqdm=True, seed=0,
-        )
+        config = trl.SFTConfig(**trl_arguments(args, device, out, LR, weight_decay=0.1, adam_beta2=0.95),
+                               gradient_checkpointing=bool(args.trl_checkpointing),  # TRL's default: True
+                               max_length=args.seq_len + 1, packing=False, padding_free=False,
+                               completion_only_loss=True)
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=ids_tokenizer(),
                                  callbacks=[timer])
         result = trainer.train()
