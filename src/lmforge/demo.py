@@ -4,8 +4,8 @@
     2. train a 2048-piece SentencePiece tokenizer on its corpus and tokenize the corpus into shards
     3. pre-train a ~1.3M-parameter Llama-style model (GQA, SwiGLU, RMSNorm, rotary) at context 1024
     4. SFT on the world's demonstrations (answers only, dialogues packed whole)
-    5. `eval chat` before and after SFT on the held-out prompt sets: task accuracy per family, violation and
-       false-refusal rates, oracle helpfulness
+    5. `eval chat` before and after SFT on the first 100 prompts of each held-out set: task accuracy per family,
+       violation and false-refusal rates, oracle helpfulness (benchmarks/world_gains.py uses every prompt)
 
 Every stage is a verb with its settings in configs/world/<stage>.yaml (lmforge.align.pipeline); everything lands
 in runs/demo/ (replaced on every run: the folder is the demo's own), and each stage's wall time is printed.
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 OUT = Path("runs/demo")
+EVAL_LIMIT = 100  # prompts per set in the demo (its 30-second evaluation budget); benchmarks/world_gains.py: all
 
 
 def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:
@@ -30,7 +31,7 @@ def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:
     out.mkdir(parents=True)
     write_marker(out, "lmforge demo")
     print(f"lmforge demo: the chat world, pre-training, SFT and evaluations; everything goes to {out}/\n")
-    p = WorldPipeline(out, seed=0, configs=configs)
+    p = WorldPipeline(out, seed=0, configs=configs, eval_limit=EVAL_LIMIT)
     steps = [
         ("building the chat world v1 (seed 0): corpus, SFT demonstrations, held-out prompt sets", p.world),
         ("training a 2048-piece tokenizer on the world's corpus", p.tokenizer),
