@@ -80,7 +80,8 @@ def test_a_second_ctrl_c_stops_at_once(token_data, tmp_path):
     """The second Ctrl-C, sent as soon as the first one's message appears (mid-step: steps of 8 micro-batches
     take far longer than reading one line), ends the process at once with status 130 and one line."""
     run = tmp_path / "run"
-    cmd = args(token_data, run, "--train.steps", "1000", "--train.global_batch_tokens", "8192", "--run.checkpoint_every", "1")
+    cmd = args(token_data, run, "--train.steps", "1000", "--train.global_batch_tokens", "8192",
+               "--run.checkpoint_every", "1")
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint_after(run, 0, proc)

@@ -354,5 +354,5 @@ def eval_chat(
     return report
 
 
-__all__ = ["EvalChatError", "answer_prompts", "endpoint_answerer", "engine_answerer", "eval_chat", "format_report", "read_records",
-           "score_answers", "score_record"]
+__all__ = ["EvalChatError", "answer_prompts", "endpoint_answerer", "engine_answerer", "eval_chat", "format_report",
+           "read_records", "score_answers", "score_record"]

@@ -35,16 +35,7 @@ from lmforge.models.checkpoint import load_model
 from lmforge.parallel import ParallelConfig, parallelize
 from lmforge.train.config import RunConfig, TrainBase, TrainConfigError
 from lmforge.train.evaluate import evaluate_loss, perplexity, split_batches
-from lmforge.train.harness import (
-    TrainState,
-    check_finite,
-    checkpoint_or_stop,
-    clip_gradients,
-    export_model,
-    finish_run,
-    open_run,
-    place_training,
-)
+from lmforge.train import harness
 from lmforge.train.lm_step import next_token_backward, trainable
 from lmforge.train.metrics import SpikeDetector
 from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -116,7 +107,7 @@ def sft(
 
     if not data.sources:
         raise SFTDataError("data.sources is empty: give one or more dialogue files (--data.sources chat.jsonl)")
-    place = place_training(train, parallel.tensor_parallel)
+    place = harness.place_training(train, parallel.tensor_parallel)
     device, dp = place.device, place.dp
     accum = train.grad_accum_steps(dp.size)
 
@@ -150,9 +141,10 @@ def sft(
     scheduler = build_scheduler(optimizer, optim, total)
     config = {"init_from": init_from, "data": data, "train": train, "optim": optim, "run": run, "parallel": parallel,
               "lora": lora}
-    state = TrainState(modules={"model": net}, optimizers={"model": optimizer}, schedulers={"model": scheduler},
+    state = harness.TrainState(modules={"model": net}, optimizers={"model": optimizer}, schedulers={"model": scheduler},
                        loaders={"train": train_loader}, counters={"step": 0, "tokens_seen": 0, "answer_tokens": 0})
-    job = open_run("sft", run, config, place, state, total, spikes=SpikeDetector(train.spike_window, train.spike_sigmas))
+    job = harness.open_run("sft", run, config, place, state, total,
+                           spikes=SpikeDetector(train.spike_window, train.spike_sigmas))
     stats = plan(0)[1]
     tqdm.write(f"sft: {stats.dialogues} dialogues an epoch in {stats.rows} rows of {train.seq_len} "
                f"(packing efficiency {stats.efficiency(train.seq_len):.1%}, {stats.dropped} too long and dropped); "
@@ -183,8 +175,8 @@ def sft(
             losses = next_token_backward(train_net, net, batches, device=device, dp=dp, precision=train.precision,
                                          loss_chunk=train.loss_chunk, document_masking=True,
                                          poison=train.debug_nan_at_step == step)
-            grad_norm = clip_gradients(params, optim.grad_clip)
-            check_finite(job, step, losses.loss, grad_norm)
+            grad_norm = harness.clip_gradients(params, optim.grad_clip)
+            harness.check_finite(job, step, losses.loss, grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -194,24 +186,24 @@ def sft(
             real = _global_sum(train_loader.positions_read - read_before, dp, device)  # positions that are not padding
             state.counters["tokens_seen"] += real
             state.counters["answer_tokens"] += losses.target_tokens
+            rows_per_epoch = max(1, len(train_loader.rows_of_epoch(0)))
             record = {"loss": losses.loss, "lr": lr, "grad_norm": grad_norm, "answer_tokens": losses.target_tokens,
-                      "tokens_per_s": real / dt, "epoch": train_loader.cursor / max(1, len(train_loader.rows_of_epoch(0))),
-                      "step_time_s": dt}
+                      "tokens_per_s": real / dt, "epoch": train_loader.cursor / rows_per_epoch, "step_time_s": dt}
             job.log_step(step, record, show=("loss", "lr", "tokens_per_s"))
             job.profiler.after_step(step)
 
             if run.eval_every and (step % run.eval_every == 0 or step == total):
                 validate(step)
-            if checkpoint_or_stop(job, step, total, state):
+            if harness.checkpoint_or_stop(job, step, total, state):
                 job.close()
                 return job.dir
     except BaseException:
         job.close()
         raise
-    finish_run(job, state, extra={"packing_efficiency": stats.efficiency(train.seq_len), "dropped_dialogues":
+    harness.finish_run(job, state, extra={"packing_efficiency": stats.efficiency(train.seq_len), "dropped_dialogues":
                                   stats.dropped, "dialogues_per_epoch": stats.dialogues})
     if run.save_model:
-        export_model(job, net, tok_path)
+        harness.export_model(job, net, tok_path)
     return job.dir
 
 

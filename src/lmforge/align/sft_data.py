@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from lmforge.data.loader import TokenStream
+from lmforge.data.shards import file_sha256
 from lmforge.data.sources import iter_records
 from lmforge.io import atomic_dir, write_marker
 from lmforge.tokenizer.chat import ChatFormatError, encode_chat, exchanges
@@ -157,14 +158,6 @@ class TokenizedSource:
         return TokenStream(self.folder, split)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenize_source(source: SFTSource, tokenizer, val_fraction: float, seed: int, cache_dir: str | Path,
                     ) -> TokenizedSource:
     """Tokenise `source` into the cache (module docstring), or reuse the cached shards of the same inputs.
@@ -175,7 +168,7 @@ def tokenize_source(source: SFTSource, tokenizer, val_fraction: float, seed: int
 
     path = Path(source.path)
     dialogues = list(read_dialogues(path))  # checks every record first: a bad line 9000 writes nothing
-    key = json.dumps({"format": CACHE_FORMAT, "file": _sha256(path), "tokenizer": tokenizer.sha256,
+    key = json.dumps({"format": CACHE_FORMAT, "file": file_sha256(path), "tokenizer": tokenizer.sha256,
                       "learn": source.learn, "val_fraction": val_fraction, "seed": seed}, sort_keys=True)
     folder = Path(cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (folder / "manifest.json").is_file():

@@ -67,6 +67,14 @@ def _prompt_label(item: str | list[dict]) -> str:
     return item if isinstance(item, str) else str(item[-1].get("content", "")) if item else ""
 
 
+def _fuse_on_cuda(net) -> None:
+    """One product for q, k, v and one for w1, w3 in every layer (lmforge.infer.fuse), where it pays: on CUDA."""
+    from lmforge.infer.fuse import fuse_projections
+
+    if next(net.parameters()).is_cuda:
+        fuse_projections(net)
+
+
 def _read_prompts(prompts: list[str] | str | None, prompt_file: Path | None) -> list[str | list[dict]]:
     """Prompts from --prompts and --prompt_file: a .jsonl file holds one JSON string, {"prompt": str} or
     {"messages": [...]} (a chat dialogue) per line; any other file one prompt per non-empty line."""
@@ -142,6 +150,7 @@ def generate_cli(
     net, tok = _load(model, tokenizer, device, dtype)
     if tensor_parallel > 1:
         _shard(net, tensor_parallel)
+    _fuse_on_cuda(net)
     if rank != 0:
         output, stream_text_allowed = Path(os.devnull), False
     else:
@@ -263,6 +272,7 @@ def chat(
     from lmforge.tokenizer.chat import encode_chat
 
     net, tok = _load(model, tokenizer, device, dtype)
+    _fuse_on_cuda(net)
     print(f"chatting with {model} (Llama 2 chat format): type a message and press Enter; /reset starts a new "
           "dialogue, /exit quits", file=sys.stderr)
     head = [{"role": "system", "content": system}] if system else []

@@ -79,6 +79,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.backend: Backend = "auto"
+        # wq | wk | wv stacked, with the three weights views into it (lmforge.infer.fuse); not saved
+        self.register_buffer("wqkv", None, persistent=False)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, document_ids: Tensor | None
@@ -86,9 +88,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # NOTE: head counts are read off the shapes (-1), not the config: under tensor parallelism each rank
         # holds H / tp query and Hkv / tp key/value heads (lmforge.parallel.apply_tensor_parallel).
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.wqkv is not None and not torch.is_grad_enabled():  # one product instead of three (no autograd)
+            q, k, v = F.linear(x, self.wqkv).split([w.weight.shape[0] for w in (self.wq, self.wk, self.wv)], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, window=self.window, document_ids=document_ids, backend=self.backend)
@@ -106,8 +112,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.register_buffer("w13", None, persistent=False)  # w1 | w3 stacked, as Attention.wqkv
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up), None
         return self.w2(F.silu(self.w1(x)) * self.w3(x)), None
 
 

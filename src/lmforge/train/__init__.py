@@ -4,7 +4,8 @@ from lmforge.train.config import DataConfig, RunConfig, TrainConfig, TrainConfig
 from lmforge.train.evaluate import evaluate, evaluate_loss, perplexity
 from lmforge.train.losses import chunked_cross_entropy
 from lmforge.train.optim import OptimConfig, lr_factor
-from lmforge.train.pretrain import NonFiniteLossError, pretrain
+from lmforge.train.harness import NonFiniteLossError
+from lmforge.train.pretrain import pretrain
 
 __all__ = [
     "DataConfig", "NonFiniteLossError", "OptimConfig", "RunConfig", "TrainConfig", "TrainConfigError",

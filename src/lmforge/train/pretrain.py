@@ -28,22 +28,12 @@ from lmforge.models.transformer import Transformer
 from lmforge.parallel import ParallelConfig, parallelize
 from lmforge.train.config import DataConfig, RunConfig, TrainConfig, TrainConfigError
 from lmforge.train.evaluate import check_vocabulary, evaluate_loss, perplexity, split_batches
-from lmforge.train.harness import (
-    NonFiniteLossError,
-    TrainState,
-    check_finite,
-    checkpoint_or_stop,
-    clip_gradients,
-    export_model,
-    finish_run,
-    open_run,
-    place_training,
-)
+from lmforge.train import harness
 from lmforge.train.lm_step import next_token_backward, trainable
 from lmforge.train.metrics import SpikeDetector, flops_per_token, peak_flops
 from lmforge.train.optim import OptimConfig, build_optimizer, build_scheduler
 
-__all__ = ["NonFiniteLossError", "pretrain"]
+__all__ = ["pretrain"]
 
 
 def pretrain(
@@ -73,7 +63,7 @@ def pretrain(
         parallel: Data parallelism (FSDP2 / DDP under torchrun), activation checkpointing, torch.compile.
     """
     # ---- where we run, and how the global batch splits -----------------------------------------------
-    place = place_training(train, parallel.tensor_parallel)
+    place = harness.place_training(train, parallel.tensor_parallel)
     device, dp = place.device, place.dp
     accum = train.grad_accum_steps(dp.size)
 
@@ -95,9 +85,9 @@ def pretrain(
     # The resolved configuration: a preset is written out as its shapes, so the file alone reruns the run.
     config = {"model": None if init_from else net.config, "init_from": init_from, "data": data, "train": train,
               "optim": optim, "run": run, "parallel": parallel}
-    state = TrainState(modules={"model": net}, optimizers={"model": optimizer}, schedulers={"model": scheduler},
+    state = harness.TrainState(modules={"model": net}, optimizers={"model": optimizer}, schedulers={"model": scheduler},
                        loaders={"train": loader})
-    job = open_run("pretrain", run, config, place, state, train.steps,
+    job = harness.open_run("pretrain", run, config, place, state, train.steps,
                    spikes=SpikeDetector(train.spike_window, train.spike_sigmas))
 
     def validate(at_step: int) -> None:
@@ -126,8 +116,8 @@ def pretrain(
             losses = next_token_backward(train_net, net, batches, device=device, dp=dp, precision=train.precision,
                                          loss_chunk=train.loss_chunk, document_masking=data.document_masking,
                                          poison=train.debug_nan_at_step == step)
-            grad_norm = clip_gradients(params, optim.grad_clip)
-            check_finite(job, step, losses.loss, grad_norm)
+            grad_norm = harness.clip_gradients(params, optim.grad_clip)
+            harness.check_finite(job, step, losses.loss, grad_norm)
             lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (optim.build_scheduler)
             optimizer.step()
             scheduler.step()
@@ -148,16 +138,16 @@ def pretrain(
 
             if run.eval_every and (step % run.eval_every == 0 or step == train.steps):
                 validate(step)
-            if checkpoint_or_stop(job, step, train.steps, state):
+            if harness.checkpoint_or_stop(job, step, train.steps, state):
                 job.close()
                 return job.dir
     except BaseException:
         job.close()
         raise
-    finish_run(job, state)
+    harness.finish_run(job, state)
     if run.save_model:
         recorded = manifest.get("tokenizer")  # the tokenizer that made the shards, if it is still there
-        export_model(job, net, data.tokenizer or (recorded if recorded and Path(recorded).exists() else None))
+        harness.export_model(job, net, data.tokenizer or (recorded if recorded and Path(recorded).exists() else None))
     return job.dir
 
 
