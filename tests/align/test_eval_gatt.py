@@ -3,14 +3,17 @@ positions that generate each answer are the right tokens (on ids, two tokenizers
 measured weight on the instruction is the uniform share; the verb runs end to end under the output rule."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 from stage_helpers import Recorder
 
 from lmforge.align.eval_gatt import (
     answer_queries,
+    common_turns,
     eval_dialogues,
     eval_record,
     headline,
@@ -18,6 +21,7 @@ from lmforge.align.eval_gatt import (
     measure,
     text_token_span,
 )
+from lmforge.align.gatt_data import GATT_SAMPLING
 from lmforge.align.world.folder import open_world
 from lmforge.align.world.instructions import apply, instruction_text, with_instructions
 from lmforge.cli import main
@@ -32,6 +36,23 @@ def _answered(d, turns, answer="It is so."):
     messages = [m for u in d.users[:turns] for m in ({"role": "user", "content": u},
                                                      {"role": "assistant", "content": answer})]
     return with_instructions(messages, d.specs, "system")
+
+
+CONFIGS = Path(__file__).parents[2] / "configs" / "world"
+
+
+def test_the_demo_context_holds_8_turns_and_a_4096_context_20(stage_world):
+    """T of the shipped eval_gatt.yaml's dialogues with 64-token answers: >= 8 in the demo's 1024-token context
+    (configs/world/pretrain.yaml), all 20 in 4096 (the GPU test). The test world's tokenizer has 600 pieces, the
+    demo's 2048, whose longer pieces encode the same words in fewer tokens: the demo's T is, if anything, larger."""
+    shipped = yaml.safe_load((CONFIGS / "eval_gatt.yaml").read_text())
+    context = yaml.safe_load((CONFIGS / "pretrain.yaml").read_text())["model"]["max_seq_len"]
+    dialogues = eval_dialogues(open_world(stage_world.world), shipped["dialogues"], shipped["max_turns"])
+    tok, new = stage_world.tokenizer, GATT_SAMPLING.max_new_tokens
+    assert context == 1024 and shipped["max_turns"] == 20 and new == 64
+    assert common_turns(tok, dialogues, new, context) >= 8
+    assert common_turns(tok, dialogues, new, 4096) == 20
+    assert common_turns(tok, dialogues, new, 512) < 8  # the bound binds: a context half as long holds fewer
 
 
 def test_adherence_by_turn_equals_a_hand_count(stage_world):

@@ -63,7 +63,7 @@ class DistillConfig:
         safety_rm: Target the distillation with this Safety RM (a reward model folder, or "oracle" for the
             world oracle's safety score): an answer is kept only where it scores above the answer without the
             pre-prompt. None: untargeted, every answer is kept.
-        weight: Mixing weight of the distilled dialogues against data.sources.
+        weight: Mixing weight of the distilled dialogues against sft.data.sources.
         sample_from: Model folder that answers (default: init_from, the model being tuned).
         batch_size: Sequences the engine decodes together.
     """

@@ -40,12 +40,13 @@ from lmforge.align.world.common import VERSION, stream
 from lmforge.align.world.instructions import adheres, with_instructions
 from lmforge.infer.sampling import SamplingParams
 
-# NOTE: greedy: a tiny model's samples at temperature 1 are mostly noise. 64 tokens hold every answer of the
-# world under its instructions (the language instruction doubles the words of an answer) in a 2048-piece
-# vocabulary, and keep the worst case of a dialogue's context small (turns_that_fit).
+# NOTE: greedy: a tiny model's samples at temperature 1 are mostly noise. 64 tokens hold about 99% of the world's
+# reference answers under their instructions (a toy language's answers are the longest: up to ~85 pieces with a
+# 600-piece tokenizer), and keep the worst case of a dialogue small (prompt_bounds): the 20-turn held-out
+# dialogues of `eval gatt` fit at least 8 turns in a 1024-token context and all 20 in a 4096-token one (test_eval_gatt).
 GATT_SAMPLING = SamplingParams(temperature=0.0, max_new_tokens=64)
-# Tokens per earlier turn beyond its answer's max_new_tokens in the bound of turns_that_fit: the answer's
-# re-encoded text may take a piece more than was sampled, then its trailing " " piece and </s>.
+# Tokens per earlier turn beyond max_new_tokens in prompt_bounds: the answer's text may re-encode to a piece or
+# two more than were sampled, then come its trailing " " piece and </s>.
 ANSWER_SLACK = 4
 
 
@@ -66,7 +67,7 @@ class GattConfig:
         every_turn: One example per turn 2..n of each dialogue (True) or only its last turn.
         keep: "adherent" keeps an example only when its learned answer follows every instruction; "all" keeps
             every example.
-        weight: Mixing weight of the Ghost Attention dialogues against data.sources.
+        weight: Mixing weight of the Ghost Attention dialogues against sft.data.sources.
         sample_from: Model folder that samples the answers (default: init_from, the model being tuned).
         batch_size: Sequences the engine decodes together while sampling.
     """
