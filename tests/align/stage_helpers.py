@@ -1,6 +1,7 @@
 """Helpers of the tests of the stages after SFT (gatt, eval gatt, distill-safety, redteam): a small world folder
 with a tokenizer trained on its corpus and a tiny random model saved with it, and a stub answerer that records
-what it was asked (importable as `stage_helpers`: pytest puts each test folder on sys.path)."""
+what it was asked, and the attention probe's reconstruction of every attention module's output (importable as
+`stage_helpers`: pytest puts each test folder on sys.path)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,12 @@ import torch
 from helpers import WORLD_SMALL, unit_scale_
 
 from lmforge import ModelConfig, Transformer
+from lmforge.align.attention_probe import recompute_probs
 from lmforge.align.world.build import build_world
 from lmforge.align.world.records import WorldSizes
+from lmforge.models.attention import repeat_kv
 from lmforge.models.checkpoint import save_model
+from lmforge.models.transformer import Attention
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -43,3 +47,25 @@ class Recorder:
     def __call__(self, dialogues, sampling):
         self.seen += [[dict(m) for m in d] for d in dialogues]
         return [self.reply(d) for d in dialogues]
+
+
+def probe_reconstructions(model: Transformer, tokens: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """One forward of `tokens`; per attention module, in order: (P v through wo, the module's own output, P),
+    P (B, H, T, T) the weights `recompute_probs` reads from the module's input."""
+    seen = []
+
+    def hook(module, args, output):
+        x, cos, sin, _, _ = args
+        probs = recompute_probs(module, x, cos, sin, torch.arange(x.shape[1], device=x.device))  # (B, H, T, T)
+        v = module.wv(x).view(*x.shape[:2], -1, module.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        out = (probs @ repeat_kv(v, probs.shape[1] // v.shape[1]).float()).transpose(1, 2).flatten(2)
+        seen.append((module.wo(out.to(x.dtype)), output, probs))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Attention)]
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

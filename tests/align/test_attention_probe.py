@@ -4,10 +4,10 @@
 import pytest
 import torch
 from helpers import unit_scale_
+from stage_helpers import probe_reconstructions
 
 from lmforge import ModelConfig, Transformer
-from lmforge.align.attention_probe import AttentionProbe, ProbeError, attention_mass, recompute_probs
-from lmforge.models.attention import repeat_kv
+from lmforge.align.attention_probe import AttentionProbe, ProbeError, attention_mass
 from lmforge.models.transformer import Attention
 
 
@@ -17,21 +17,7 @@ def test_recomputed_weights_reproduce_each_attention_output(preset):
     torch.manual_seed(0)
     model = unit_scale_(Transformer(ModelConfig.from_name(preset))).eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 40))
-    seen = []
-
-    def hook(module, args, output):
-        x, cos, sin, _, _ = args
-        probs = recompute_probs(module, x, cos, sin, torch.arange(x.shape[1]))  # (B, H, T, T)
-        v = module.wv(x).view(*x.shape[:2], -1, module.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        out = (probs @ repeat_kv(v, probs.shape[1] // v.shape[1]).float()).transpose(1, 2).flatten(2)
-        seen.append((module.wo(out.to(x.dtype)), output, probs))
-
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
-    handles = [m.register_forward_hook(hook) for m in attention]
-    with torch.no_grad():
-        model(tokens)
-    for h in handles:
-        h.remove()
+    seen = probe_reconstructions(model, tokens)
     assert len(seen) == model.config.n_layers
     for recomputed, output, probs in seen:
         torch.testing.assert_close(recomputed, output, atol=1e-5, rtol=1e-5)
