@@ -27,7 +27,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 SEPARATOR = "-" * 40  # between the records of several prompts in --format text
 
 
-def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype | None):
+def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype | None, head: str = "lm"):
+    """(model in eval mode, Tokenizer) of a model folder, checked; `head` "reward" loads a reward model."""
     from lmforge.devices import resolve_device
     from lmforge.models.checkpoint import check_model_folder, load_model
     from lmforge.tokenizer.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype 
     tok_path = Path(tokenizer) if tokenizer is not None else model / "tokenizer.model"
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer: {tok_path} does not exist (pass --tokenizer PATH/tokenizer.model)")
-    net = load_model(model, device=dev, dtype=getattr(torch, dtype) if dtype else None).eval()
+    net = load_model(model, device=dev, dtype=getattr(torch, dtype) if dtype else None, head=head).eval()
     tok = Tokenizer(tok_path)
     if tok.vocab_size > net.config.vocab_size:
         raise GenerationError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, the model only {net.config.vocab_size}")
