@@ -1,11 +1,13 @@
 """Safety context distillation: targeted distillation keeps exactly the answers the (stub) Safety RM prefers; the
 answers come from dialogues under the pre-prompt (its category's template when asked), are scored and trained
-without it; untargeted keeps all; the verb runs end to end and says in one line when nothing is kept."""
+without it; untargeted keeps all; a reward model folder plugs in as the Safety RM (its reward at </s>); the verb
+runs end to end and says in one line when nothing is kept."""
 
 import json
 
 import pytest
-from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
+import torch
+from helpers import one_torch_thread, unit_scale_  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 from stage_helpers import Recorder
 
 from lmforge.align.distill import (
@@ -15,8 +17,12 @@ from lmforge.align.distill import (
     distill_prompts,
     keep_flags,
     oracle_safety_scorer,
+    scorer_of,
     with_preprompt,
 )
+from lmforge import ModelConfig, Transformer
+from lmforge.models.checkpoint import save_model
+from lmforge.tokenizer.chat import encode_chat
 from lmforge.align.world import safety
 from lmforge.align.world.folder import open_world
 from lmforge.cli import main
@@ -76,6 +82,33 @@ def test_targeted_distillation_keeps_exactly_the_answers_the_safety_rm_prefers(s
     # untargeted: every answer is kept, no RM asked
     kept_all, _, _ = distill_data(prompts, _answerer(prompts), DistillConfig(prompts=10), None)
     assert len(kept_all) == 10
+
+
+def test_a_reward_model_folder_plugs_in_as_the_safety_rm(stage_world, tmp_path):
+    """A (random, tiny) reward model folder as --distill.safety_rm: each score is the model's own reward at the
+    closing </s> of [x, answer] (one forward per dialogue here, batched in the scorer), and targeted
+    distillation keeps exactly where it scores the pre-prompted answer above the plain one."""
+    torch.manual_seed(1)
+    rm = unit_scale_(Transformer(ModelConfig.from_name("tiny", vocab_size=600, head="reward"))).eval()
+    save_model(rm, tmp_path / "rm", tokenizer_path=stage_world.root / "tok" / "tokenizer.model")
+    scorer = scorer_of(str(tmp_path / "rm"), device="cpu")
+    prompts = _prompts(stage_world)
+    pairs = [(m, a) for m, meta in prompts for a in (meta["reference"], COMPLY)]
+    expected = []
+    with torch.no_grad():
+        for d, a in pairs:
+            ids = encode_chat(stage_world.tokenizer, [*d, {"role": "assistant", "content": a}]).ids
+            assert ids[-1] == stage_world.tokenizer.eos_id
+            expected.append(rm(torch.tensor([ids]))[0, -1, 0].item())
+    torch.testing.assert_close(torch.tensor(scorer(pairs)), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    _, candidates, _ = distill_data(prompts, _answerer(prompts), DistillConfig(prompts=10, safety_rm="rm"), scorer)
+    score = dict(zip([(tuple(m["content"] for m in d), a) for d, a in pairs], expected))
+    for c in candidates:
+        key = tuple(m["content"] for m in c["messages"])
+        pre, plain = score[key, c["answer_preprompt"]], score[key, c["answer_plain"]]
+        assert c["score_preprompt"] == pytest.approx(pre, abs=1e-5) and c["score_plain"] == pytest.approx(plain, abs=1e-5)
+        assert c["kept"] == (c["score_preprompt"] > c["score_plain"])
+    assert any(c["score_preprompt"] != c["score_plain"] for c in candidates)  # the answers differ somewhere
 
 
 def test_the_template_carries_the_categorys_refusal():
