@@ -1,10 +1,12 @@
 """The world pipeline's stages after SFT (what `benchmarks/world_gains.py` and `make demo` call per seed): each runs
 its verb with the shipped config and the sizes given in `extra`, writes where the pipeline says, is not run again
-once complete, and its report feeds the headline functions."""
+once complete, and its report feeds the headline functions; a verb that returns without its output (a training
+verb stopped by SIGTERM saves a checkpoint and returns) stops the pipeline."""
 
 import shutil
 from pathlib import Path
 
+import pytest
 from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 
 from lmforge.align.pipeline import WorldPipeline, gatt_headline
@@ -45,3 +47,12 @@ def test_the_stages_after_sft_run_where_the_pipeline_says(stage_world, tmp_path)
     p.times.clear()  # complete stages are not run again (the pipeline continues where it stopped)
     assert p.gatt() == gatt and p.distill(None) == untargeted
     assert p.evaluate_gatt({"sft": sft, "gatt": gatt}) == report and p.times == {}
+
+
+def test_a_stage_that_returns_without_its_output_stops_the_pipeline(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("lmforge.cli.main", calls.append)  # a verb that returns having written nothing
+    p = WorldPipeline(tmp_path, configs=CONFIGS)
+    with pytest.raises(RuntimeError, match="stage gatt stopped before writing .*gatt/model/model.safetensors"):
+        p.gatt()
+    assert len(calls) == 1 and calls[0][0] == "gatt" and "gatt" not in p.times

@@ -160,13 +160,16 @@ class WorldPipeline:
         return self.configs / f"{stage}.yaml"
 
     def _verb(self, stage: str, done: Path, *argv) -> None:
-        """Run `lmforge ARGV...` in this process unless `done` exists (the stage's last output)."""
+        """Run `lmforge ARGV...` in this process unless `done` exists (the stage's last output); stop the
+        pipeline when the verb returns without it."""
         from lmforge.cli import main
 
         if done.exists():
             return
         start = time.perf_counter()
         main([str(a) for a in argv])
+        if not done.exists():  # e.g. a training verb that saved a checkpoint on SIGTERM and returned
+            raise RuntimeError(f"stage {stage} stopped before writing {done}; run the pipeline again to continue")
         self.times[stage] = time.perf_counter() - start
 
 
