@@ -37,8 +37,10 @@ def test_the_stages_after_sft_run_where_the_pipeline_says(stage_world, tmp_path)
     figures = gatt_headline(report)
     assert report["turns"] == 3 and (root / "eval" / "gatt" / "adherence.png").is_file()
     assert set(figures) == {f"{m}/{k}" for m in ("sft", "gatt")
-                            for k in ("adherence_3_T", "adherence/1", "adherence/2", "adherence/3", "attention_T")}
+                            for k in ("adherence_3_T", "task_accuracy_3_T", "adherence/1", "adherence/2", "adherence/3",
+                                      "attention_T")}
     assert figures["sft/attention_T"] == report["models"]["sft"]["attention"]["3"]["mass"]
+    assert figures["gatt/task_accuracy_3_T"] == report["models"]["gatt"]["task_accuracy"]["3"]  # T = 3: turn 3 only
 
     red = p.redteam({"sft": sft, "distill": untargeted}, extra=("--per_cell", "1", "--lookalikes", "1", *EVAL))
     assert list(red["targets"]) == ["sft", "distill"] and (root / "eval" / "redteam" / "report.json").is_file()

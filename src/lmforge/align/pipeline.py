@@ -188,11 +188,17 @@ def headline(reports: dict) -> dict[str, float]:
 
 
 def gatt_headline(report: dict) -> dict[str, float]:
-    """Per model of an `eval gatt` report: adherence over turns 3..T (the Ghost Attention gate), by turn, and
-    the attention on the instruction at turn T."""
+    """Per model of an `eval gatt` report: adherence over turns 3..T (the Ghost Attention gate), by turn, the
+    task accuracy over turns 3..T beside it, and the attention on the instruction at turn T.
+
+    NOTE: the task accuracy belongs beside the gate: a collapsed model that answers every turn in capitals
+    follows the capitals instruction at every turn and solves no task (seen in a small run)."""
+    from lmforge.align.eval_gatt import headline as turns_3_to_t
+
     out = {}
     for name, m in report["models"].items():
         out[f"{name}/adherence_3_T"] = m["adherence_turns_3_to_T"]
+        out[f"{name}/task_accuracy_3_T"] = turns_3_to_t(m["task_accuracy"])
         for t, v in m["adherence"].items():
             out[f"{name}/adherence/{t}"] = v
         if "attention" in m:
