@@ -35,11 +35,16 @@ VERBS: dict = {
            "eval": "lmforge.align.rm_eval:rm_eval",
            "score": "lmforge.align.rm_eval:rm_score"},
     "dpo": "lmforge.align.dpo:dpo",
+    "gatt": "lmforge.align.gatt:gatt",
+    "distill-safety": "lmforge.align.distill:distill_safety",
+    "redteam": "lmforge.align.redteam:redteam",
     "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
-                      "world's prompt sets, scored by its checkers).",
+                      "world's prompt sets, scored by its checkers), `eval gatt` (instruction adherence and "
+                      "attention on the instruction by turn).",
              "loss": "lmforge.train.evaluate:evaluate",
-             "chat": "lmforge.align.eval_chat:eval_chat"},
+             "chat": "lmforge.align.eval_chat:eval_chat",
+             "gatt": "lmforge.align.eval_gatt:eval_gatt"},
     "world": {"_help": "The verifiable chat world: `lmforge world build` writes its corpus, SFT data and prompt "
                        "sets.",
               "build": "lmforge.align.world.build:build_world"},

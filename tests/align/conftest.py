@@ -26,3 +26,12 @@ def tiny_folders(tmp_path_factory, tokenizer_512) -> dict[str, Path]:
 def chat_file(tmp_path_factory) -> Path:
     """120 seeded dialogues in the conversational format."""
     return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", seeded_dialogues(0, 120))
+
+
+@pytest.fixture(scope="session")
+def stage_world(tmp_path_factory):
+    """A small world folder, a 600-piece tokenizer trained on its corpus, a tiny random model saved with it
+    (the tests of gatt, eval gatt, distill-safety and redteam)."""
+    from stage_helpers import build_stage_world
+
+    return build_stage_world(tmp_path_factory.mktemp("stage"))

@@ -9,6 +9,11 @@ starts with that command) and this run's paths and seed on the command line afte
     data       lmforge data prepare --config configs/world/data.yaml --data ROOT/world/corpus ...
     pretrain   lmforge pretrain --config configs/world/pretrain.yaml --data.dir ROOT/data --train.seed S ...
     sft        lmforge sft ROOT/pretrain/model --config configs/world/sft.yaml --data.sources [ROOT/world/sft.jsonl]
+    gatt       lmforge gatt ROOT/sft/model --config configs/world/gatt.yaml --world ROOT/world --sft.run.dir ROOT/gatt
+    distill    lmforge distill-safety ROOT/sft/model --config configs/world/distill.yaml --world ROOT/world
+               [--distill.safety_rm RM]   (targeted into ROOT/distill-targeted, untargeted into ROOT/distill)
+    eval gatt  lmforge eval gatt [ROOT/sft/model,ROOT/gatt/model] --config configs/world/eval_gatt.yaml ...
+    redteam    lmforge redteam --models [...] --world ROOT/world --out_dir ROOT/eval/redteam
 
 Evaluations answer the world's prompt sets through `LLMEngine` (greedy) and score them with the world's checkers
 (`lmforge.align.eval_chat`); each report is written to ROOT/eval/<name>.json. A stage whose output is already
@@ -82,6 +87,50 @@ class WorldPipeline:
                    "--train.seed", self.seed, "--run.progress", str(self.progress).lower())
         return run / "model"
 
+    # ---- the stages after SFT (Ghost Attention, safety context distillation, red teaming) ------------------------
+    # `extra`: more flags for the verb, after the config's (e.g. ("--gatt.dialogues", "60")): sizes per run.
+    def gatt(self, init_from: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
+        """Ghost Attention on the SFT model (or `init_from`): configs/world/gatt.yaml; data in ROOT/gatt-data."""
+        run = self.root / "gatt"
+        self._verb("gatt", run / "model" / "model.safetensors", "gatt", init_from or self.root / "sft" / "model",
+                   "--config", self._config("gatt"), "--world", self.root / "world", "--data_dir",
+                   self.root / "gatt-data", *self._sft_flags(run), *extra)
+        return run / "model"
+
+    def distill(self, safety_rm: str | Path | None = "oracle", init_from: Path | None = None,
+                extra: tuple[str, ...] = ()) -> Path:
+        """Safety context distillation of the SFT model (or `init_from`): configs/world/distill.yaml. Targeted by
+        `safety_rm` (a Safety RM folder, or "oracle": the world oracle's safety score) into ROOT/distill-targeted;
+        untargeted (safety_rm None) into ROOT/distill."""
+        run = self.root / ("distill" if safety_rm is None else "distill-targeted")
+        target = () if safety_rm is None else ("--distill.safety_rm", safety_rm)
+        self._verb(run.name, run / "model" / "model.safetensors", "distill-safety",
+                   init_from or self.root / "sft" / "model", "--config", self._config("distill"), "--world",
+                   self.root / "world", "--data_dir", self.root / f"{run.name}-data", *target, *self._sft_flags(run),
+                   *extra)
+        return run / "model"
+
+    def evaluate_gatt(self, models: dict[str, Path], name: str = "gatt", extra: tuple[str, ...] = ()) -> dict:
+        """`lmforge eval gatt` of `models` ({label: folder}, e.g. {"sft": ..., "gatt": ...}) with
+        configs/world/eval_gatt.yaml; the report (ROOT/eval/<name>/report.json, not run again when there)."""
+        out = self.root / "eval" / name
+        self._verb(f"eval {name}", out / "report.json", "eval", "gatt", f"[{','.join(map(str, models.values()))}]",
+                   "--names", f"[{','.join(models)}]", "--config", self._config("eval_gatt"), "--world",
+                   self.root / "world", "--out_dir", out, "--progress", str(self.progress).lower(), *extra)
+        return json.loads((out / "report.json").read_text())
+
+    def redteam(self, models: dict[str, Path], name: str = "redteam", extra: tuple[str, ...] = ()) -> dict:
+        """`lmforge redteam` of `models` ({label: folder}) on this seed's world; the report (ROOT/eval/<name>/)."""
+        out = self.root / "eval" / name
+        self._verb(name, out / "report.json", "redteam", "--models", f"[{','.join(map(str, models.values()))}]",
+                   "--names", f"[{','.join(models)}]", "--world", self.root / "world", "--out_dir", out, *extra)
+        return json.loads((out / "report.json").read_text())
+
+    def _sft_flags(self, run: Path) -> list:
+        """The flags of a fine-tuning through sft in this pipeline: its run folder, cache, seed, resume."""
+        return ["--sft.data.cache_dir", self.root / "cache", "--sft.run.dir", run, "--sft.run.resume", "auto",
+                "--sft.train.seed", self.seed, "--sft.run.progress", str(self.progress).lower()]
+
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, model: Path, name: str, sets: tuple[str, ...] = HELDOUT_SETS + TRAIN_SETS) -> dict:
         """Answer and score the prompt sets `sets` of this seed's world with `model`; {set: report}. Cached in
@@ -111,13 +160,16 @@ class WorldPipeline:
         return self.configs / f"{stage}.yaml"
 
     def _verb(self, stage: str, done: Path, *argv) -> None:
-        """Run `lmforge ARGV...` in this process unless `done` exists (the stage's last output)."""
+        """Run `lmforge ARGV...` in this process unless `done` exists (the stage's last output); stop the
+        pipeline when the verb returns without it."""
         from lmforge.cli import main
 
         if done.exists():
             return
         start = time.perf_counter()
         main([str(a) for a in argv])
+        if not done.exists():  # e.g. a training verb that saved a checkpoint on SIGTERM and returned
+            raise RuntimeError(f"stage {stage} stopped before writing {done}; run the pipeline again to continue")
         self.times[stage] = time.perf_counter() - start
 
 
@@ -133,6 +185,31 @@ def headline(reports: dict) -> dict[str, float]:
     if "eval_tasks_train" in reports:
         out["train_task_accuracy"] = reports["eval_tasks_train"]["tasks"]["accuracy"]
     return out
+
+
+def gatt_headline(report: dict) -> dict[str, float]:
+    """Per model of an `eval gatt` report: adherence over turns 3..T (the Ghost Attention gate), by turn, the
+    task accuracy over turns 3..T beside it, and the attention on the instruction at turn T.
+
+    NOTE: the task accuracy belongs beside the gate: a collapsed model that answers every turn in capitals
+    follows the capitals instruction at every turn and solves no task (seen in a small run)."""
+    from lmforge.align.eval_gatt import headline as turns_3_to_t
+
+    out = {}
+    for name, m in report["models"].items():
+        out[f"{name}/adherence_3_T"] = m["adherence_turns_3_to_T"]
+        out[f"{name}/task_accuracy_3_T"] = turns_3_to_t(m["task_accuracy"])
+        for t, v in m["adherence"].items():
+            out[f"{name}/adherence/{t}"] = v
+        if "attention" in m:
+            out[f"{name}/attention_T"] = m["attention"][str(report["turns"])]["mass"]
+    return out
+
+
+def safety_headline(reports: dict) -> dict[str, float]:
+    """`headline` plus the oracle helpfulness on the harmless look-alikes (answering them helpfully is what
+    safety tuning can cost), from `WorldPipeline.evaluate`'s reports."""
+    return {**headline(reports), "lookalike_helpfulness": reports["eval_lookalikes"]["oracle"]["helpfulness"]}
 
 
 def gain_holds(before: list[float], after: list[float], higher_is_better: bool = True) -> tuple[bool, str]:

@@ -1,0 +1,60 @@
+"""The world pipeline's stages after SFT (what `benchmarks/world_gains.py` and `make demo` call per seed): each runs
+its verb with the shipped config and the sizes given in `extra`, writes where the pipeline says, is not run again
+once complete, and its report feeds the headline functions; a verb that returns without its output (a training
+verb stopped by SIGTERM saves a checkpoint and returns) stops the pipeline."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
+
+from lmforge.align.pipeline import WorldPipeline, gatt_headline
+
+CONFIGS = Path(__file__).parents[2] / "configs" / "world"
+# The shipped configs' sizes are the demo's; these shrink them for a tiny 512-token model (the flags come last).
+TUNE = ("--sampling.max_new_tokens", "8", "--sft.train.seq_len", "512", "--sft.train.batch_size", "2",
+        "--sft.train.micro_batch_size", "2", "--sft.train.steps", "1", "--sft.train.device", "cpu")
+EVAL = ("--sampling.max_new_tokens", "8", "--device", "cpu")
+
+
+def test_the_stages_after_sft_run_where_the_pipeline_says(stage_world, tmp_path):
+    root = tmp_path / "seed-0"
+    shutil.copytree(stage_world.world, root / "world")
+    shutil.copytree(stage_world.model_dir, root / "sft" / "model")
+    p = WorldPipeline(root, configs=CONFIGS)
+    sft = root / "sft" / "model"
+
+    gatt = p.gatt(extra=("--gatt.dialogues", "2", "--gatt.max_turns", "2", "--gatt.keep", "all", *TUNE))
+    untargeted = p.distill(None, extra=("--distill.prompts", "2", *TUNE))
+    assert gatt == root / "gatt" / "model" and untargeted == root / "distill" / "model"
+    for run in ("gatt", "distill"):
+        assert (root / run / "model" / "model.safetensors").is_file()
+        assert (root / f"{run}-data" / "summary.json").is_file()  # the generated data beside the run
+
+    report = p.evaluate_gatt({"sft": sft, "gatt": gatt}, extra=(
+        "--dialogues", "2", "--max_turns", "3", "--attention_dialogues", "1", *EVAL))
+    figures = gatt_headline(report)
+    assert report["turns"] == 3 and (root / "eval" / "gatt" / "adherence.png").is_file()
+    assert set(figures) == {f"{m}/{k}" for m in ("sft", "gatt")
+                            for k in ("adherence_3_T", "task_accuracy_3_T", "adherence/1", "adherence/2", "adherence/3",
+                                      "attention_T")}
+    assert figures["sft/attention_T"] == report["models"]["sft"]["attention"]["3"]["mass"]
+    assert figures["gatt/task_accuracy_3_T"] == report["models"]["gatt"]["task_accuracy"]["3"]  # T = 3: turn 3 only
+
+    red = p.redteam({"sft": sft, "distill": untargeted}, extra=("--per_cell", "1", "--lookalikes", "1", *EVAL))
+    assert list(red["targets"]) == ["sft", "distill"] and (root / "eval" / "redteam" / "report.json").is_file()
+    assert set(p.times) == {"gatt", "distill", "eval gatt", "redteam"}
+
+    p.times.clear()  # complete stages are not run again (the pipeline continues where it stopped)
+    assert p.gatt() == gatt and p.distill(None) == untargeted
+    assert p.evaluate_gatt({"sft": sft, "gatt": gatt}) == report and p.times == {}
+
+
+def test_a_stage_that_returns_without_its_output_stops_the_pipeline(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("lmforge.cli.main", calls.append)  # a verb that returns having written nothing
+    p = WorldPipeline(tmp_path, configs=CONFIGS)
+    with pytest.raises(RuntimeError, match="stage gatt stopped before writing .*gatt/model/model.safetensors"):
+        p.gatt()
+    assert len(calls) == 1 and calls[0][0] == "gatt" and "gatt" not in p.times
