@@ -182,7 +182,7 @@ def distill_safety(
     sft: FineTuneConfig = FineTuneConfig(),
     data_dir: Path | None = None,
 ) -> Path:
-    """Safety context distillation: answers under a safety pre-prompt, fine-tuned without it (`lmforge distill-safety`).
+    """Safety context distillation: answers under a safety pre-prompt, fine-tuned without the pre-prompt.
 
     Targeted (--distill.safety_rm RM_FOLDER, or oracle): an answer is kept only where the
     Safety RM scores it above the model's answer without the pre-prompt.

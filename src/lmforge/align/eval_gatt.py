@@ -264,7 +264,8 @@ def eval_gatt(
         names: A label per model (default: the folder names).
         out_dir: Write report.json, adherence.png and answers.jsonl here (under the output rule).
         dialogues: Held-out dialogues answered by every model.
-        max_turns: Most turns measured; fewer when the context holds fewer (module docstring).
+        max_turns: Most turns measured; fewer when the context cannot hold them with every answer at
+            sampling.max_new_tokens.
         turns: Measure exactly this many turns (refused if the context does not hold them).
         attention_dialogues: Dialogues whose attention on the instruction is measured (0: none).
         sampling: How answers are generated (default greedy, at most 64 tokens each).

@@ -185,7 +185,8 @@ def redteam(
         names: A label per target, models first then endpoints (default: folder names and URLs).
         world: A world folder written by `lmforge world build`: its attacks by category and style, and its
             harmless look-alikes.
-        attacks: More attacks from jsonl files (module docstring for the format).
+        attacks: More attacks from jsonl files, one a line: {"messages": [...]} or {"prompt": ...}, with
+            "category", "style" and "harmful" (default true).
         per_cell: World attacks per (risk category, style).
         lookalikes: World look-alikes per risk category (the false-refusal set).
         split: The world split the attacks come from: heldout (default) or train.
