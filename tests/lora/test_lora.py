@@ -279,7 +279,7 @@ def test_lora_options_parse_from_the_command_line():
 
     parser = ArgumentParser()
     parser.add_argument("--lora", type=LoraConfig, default=LoraConfig())
-    cfg = parser.instantiate_classes(parser.parse_args(["--lora.rank", "16", "--lora.targets", "[wq, wv]"])).lora
+    cfg = parser.instantiate(parser.parse_args(["--lora.rank", "16", "--lora.targets", "[wq, wv]"])).lora
     assert cfg == LoraConfig(rank=16, alpha=16.0, targets=("wq", "wv"))
     assert "Scale numerator" in parser.format_help() or "alpha" in parser.format_help()
     with pytest.raises(SystemExit):

@@ -54,6 +54,8 @@ def test_a_training_checkpoint_of_a_lora_model_holds_only_the_adapters(tmp_path)
     """How the training harness checkpoints a LoRA model: DCP with `ignore_frozen_params`, so that the frozen
     base stays out; loading back into a fresh LoRA model of the same base restores adapters and AdamW exactly."""
     import torch.distributed.checkpoint as dcp
+
+    from lmforge.train.checkpointing import _dcp  # one process, no process group: its warning silenced
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     def trained(steps):
@@ -71,12 +73,12 @@ def test_a_training_checkpoint_of_a_lora_model_holds_only_the_adapters(tmp_path)
     model_sd, optim_sd = get_state_dict(model, opt, options=save)
     assert sorted(model_sd) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert all(".lora_A." in n or ".lora_B." in n for n in model_sd)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path)  # as the harness calls it
 
     fresh, fresh_opt = trained(0)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt, options=save)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=tmp_path)
+    _dcp(dcp.load, state, checkpoint_id=tmp_path)
     # strict=False: the frozen base is absent on purpose (dcp.load has already checked every adapter was there)
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
