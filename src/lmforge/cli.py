@@ -26,6 +26,10 @@ VERBS: dict = {
     "chat": "lmforge.infer.cli:chat",
     "pretrain": "lmforge.train.pretrain:pretrain",
     "sft": "lmforge.align.sft:sft",
+    "rs": "lmforge.align.rs:rs",
+    "ppo": "lmforge.align.ppo:ppo",
+    "grpo": "lmforge.align.grpo:grpo",
+    "rlhf": "lmforge.align.rlhf:rlhf",
     "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
