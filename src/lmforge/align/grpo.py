@@ -91,6 +91,22 @@ class GRPOConfig:
                                    "grpo.beta >= 0")
 
 
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, cfg: GRPOConfig, n_sequences: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
+    """GRPO's loss of one micro-batch: per token the clipped surrogate of the answer's advantage (B,) plus
+    beta * k3(pi, pi_ref) (when there is a reference), averaged as cfg.loss_averaging over the whole
+    mini-batch (n_sequences answers, n_tokens tokens). logp, old_logp, ref_logp, mask: (B, T).
+    Returns (loss, {"clipped" (B, T), "ratio" (B, T, detached), "kl" (B, T, detached; with a reference)})."""
+    adv = advantages[:, None] * mask  # (B, T): each answer's advantage on each of its tokens
+    loss_tok, clipped, ratio = rl_math.clipped_surrogate(logp, old_logp, adv, cfg.clip)
+    parts = {"clipped": clipped, "ratio": ratio.detach()}
+    if ref_logp is not None:
+        kl_tok = rl_math.kl_estimate(logp, ref_logp, "k3") * mask
+        loss_tok = loss_tok + cfg.beta * kl_tok
+        parts["kl"] = kl_tok.detach()
+    return rl_math.reduce_tokens(loss_tok, mask, cfg.loss_averaging, n_sequences, n_tokens), parts
+
+
 def grpo(
     init_from: str,
     prompts: PromptsConfig = PromptsConfig(per_iteration=64),
@@ -169,17 +185,14 @@ def grpo(
                             mask = m.batch.mask
                             with autocast_context(device, train.precision):
                                 logp, _ = response_logprobs(train_policy, m.batch, T)
-                            adv = advantages[m.rows][:, None] * mask  # (B, T): the answer's advantage on each token
-                            loss_tok, clipped, ratio = rl_math.clipped_surrogate(logp, old_logp, adv, grpo.clip)
-                            if reference is not None:
-                                kl_tok = rl_math.kl_estimate(logp, ref[j][i], "k3") * mask
-                                loss_tok = loss_tok + grpo.beta * kl_tok
-                                mb_stats.add("kl_loss", kl_tok.detach().sum().item(), mask.sum().item())
-                            loss = rl_math.reduce_tokens(loss_tok, mask, grpo.loss_averaging, M, n_tok)
+                            ref_logp = ref[j][i] if reference is not None else None
+                            loss, parts = grpo_loss(logp, old_logp, ref_logp, advantages[m.rows], mask, grpo, M, n_tok)
                             (W * loss).backward()  # NOTE: * W undoes the ranks' gradient averaging
                             mb_stats.add("loss", loss.item())
-                            mb_stats.add("policy/clip_fraction", (clipped & mask).sum().item(), mask.sum().item())
-                            mb_stats.add_max("ratio_deviation", ((ratio.detach() - 1).abs() * mask).max().item())
+                            mb_stats.add("policy/clip_fraction", (parts["clipped"] & mask).sum().item(), mask.sum().item())
+                            mb_stats.add_max("ratio_deviation", ((parts["ratio"] - 1).abs() * mask).max().item())
+                            if "kl" in parts:
+                                mb_stats.add("kl_loss", parts["kl"].sum().item(), mask.sum().item())
                             if epoch == 0:
                                 if reference is not None:
                                     seq_kl.append(((old_logp - ref[j][i]) * mask).sum(-1))
@@ -225,4 +238,4 @@ def grpo(
     return job.dir
 
 
-__all__ = ["GRPOConfig", "GRPO_OPTIM", "grpo"]
+__all__ = ["GRPOConfig", "GRPO_OPTIM", "grpo", "grpo_loss"]

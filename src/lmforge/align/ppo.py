@@ -218,8 +218,8 @@ def ppo(
                 samples, answers = collect(engine, tokenizer, prompt_ids, plan, rollout)
             recs = [records[i] for i in plan.prompts]
             with timer("scoring"):
-                parts = gate(recs, answers)
-                score = parts["score"].to(device)
+                gated = gate(recs, answers)
+                score = gated["score"].to(device)
                 whitened = rl_math.whiten(score, group=dp.group) if reward.whiten else score
 
             with timer("training"):
@@ -228,7 +228,11 @@ def ppo(
                     old = no_grad_pass(lambda b: response_logprobs(train_policy, b, T, with_entropy=True), mbs)
                     ref = no_grad_pass(lambda b: response_logprobs(reference, b, T)[0], mbs)
                     old_v = no_grad_pass(lambda b: response_values(train_critic, b), mbs)
-                chunks = _advantages(mbs, old, ref, old_v, whitened, ppo, dp.group)
+                chunks = [[ppo_targets(logp, ref_logp, v, m.batch.mask, whitened[m.rows], ppo) | {"entropy": ent}
+                           for m, (logp, ent), ref_logp, v in zip(mb, o_mb, r_mb, v_mb)]
+                          for mb, o_mb, r_mb, v_mb in zip(mbs, old, ref, old_v)]
+                if ppo.whiten_advantages:
+                    whiten_advantages([c for row in chunks for c in row], dp.group)
                 stats = Sums()
                 for epoch in range(ppo.epochs):
                     for j, mb in enumerate(mbs):
@@ -239,20 +243,16 @@ def ppo(
                             with autocast_context(device, train.precision):
                                 logp, _ = response_logprobs(train_policy, m.batch, T)
                                 v = response_values(train_critic, m.batch)
-                            pg_tok, clipped, ratio = rl_math.clipped_surrogate(logp, c["logp"], c["adv"], ppo.clip)
-                            vl_tok = rl_math.value_loss(v, c["values"], c["ret"], ppo.value_clip)
-                            pg = rl_math.reduce_tokens(pg_tok, c["mask"], ppo.loss_averaging, M, n_tok)
-                            vl = rl_math.reduce_tokens(vl_tok, c["mask"], ppo.loss_averaging, M, n_tok)
-                            # NOTE: * W undoes the ranks' gradient averaging (the denominators are the mini-batch's)
-                            (W * (pg + ppo.value_coef * vl)).backward()
+                            loss, terms = ppo_loss(logp, v, c, ppo, M, n_tok)
+                            (W * loss).backward()  # NOTE: * W undoes the ranks' gradient averaging
                             mask = c["mask"]
-                            mb_stats.add("loss", (pg + ppo.value_coef * vl).item())
-                            mb_stats.add("policy/loss", pg.item())
-                            mb_stats.add("value/loss", vl.item())
-                            mb_stats.add("policy/clip_fraction", (clipped & mask).sum().item(), mask.sum().item())
+                            mb_stats.add("loss", loss.item())
+                            mb_stats.add("policy/loss", terms["policy"].item())
+                            mb_stats.add("value/loss", terms["value"].item())
+                            mb_stats.add("policy/clip_fraction", (terms["clipped"] & mask).sum().item(), mask.sum().item())
                             mb_stats.add("policy/approx_kl", ((c["logp"] - logp.detach()) * mask).sum().item(),
                                          mask.sum().item())
-                            mb_stats.add_max("ratio_deviation", ((ratio.detach() - 1).abs() * mask).max().item())
+                            mb_stats.add_max("ratio_deviation", ((terms["ratio"] - 1).abs() * mask).max().item())
                         figures = mb_stats.global_figures(dp.group, device)
                         norm_p = harness.clip_gradients(params_p, optim.grad_clip)
                         norm_c = harness.clip_gradients(params_c, optim.grad_clip)
@@ -271,7 +271,7 @@ def ppo(
             with timer("sync"):
                 sync_engine(engine, policy)
 
-            record = stats.means() | {"lr": lr, **_iteration_figures(chunks, parts, samples, recs, answers, ppo.beta,
+            record = stats.means() | {"lr": lr, **_iteration_figures(chunks, gated, samples, recs, answers, ppo.beta,
                                                                      tokenizer.eos_id, dp.group, device, timer)}
             state.counters["answers"] += len(samples) * W
             state.counters["answer_tokens"] += int(record["answer/length"] * len(samples) * W)
@@ -291,51 +291,63 @@ def ppo(
 PLOT_KEYS = ("reward", "oracle/helpfulness", "kl", "oracle/violation_rate", "entropy", "value/explained_variance")
 
 
-def _advantages(mbs, old, ref, old_v, score: torch.Tensor, cfg: PPOConfig, group) -> list[list[dict]]:
-    """Per micro-batch (nested as `mbs`): the KL estimate, per-token rewards, GAE advantages (whitened over
-    every rank's answer tokens if cfg.whiten_advantages) and returns, beside the old log-probs, entropies
-    and values they came from."""
-    chunks = []
-    for mb, o_mb, r_mb, v_mb in zip(mbs, old, ref, old_v):
-        row = []
-        for m, (logp, entropy), ref_logp, values in zip(mb, o_mb, r_mb, v_mb):
-            mask = m.batch.mask
-            kl = rl_math.kl_estimate(logp, ref_logp, cfg.kl_estimator) * mask
-            rewards = rl_math.token_rewards(score[m.rows], kl, mask, cfg.beta)
-            adv, ret = rl_math.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            row.append({"logp": logp, "entropy": entropy, "kl": kl, "rewards": rewards, "values": values, "adv": adv,
-                        "ret": ret, "mask": mask})
-        chunks.append(row)
-    if cfg.whiten_advantages:
-        every = [c for row in chunks for c in row]
-        mean, var = rl_math.moments(torch.cat([c["adv"].flatten() for c in every]),
-                                    torch.cat([c["mask"].flatten() for c in every]), group=group)
-        for c in every:
-            c["adv"] = (c["adv"] - mean) * torch.rsqrt(var + 1e-8) * c["mask"]
-    return chunks
+def ppo_targets(old_logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                score: torch.Tensor, cfg: PPOConfig) -> dict[str, torch.Tensor]:
+    """What one batch of answers is trained towards, all (B, T): the per-token KL estimate to the reference,
+    the rewards (-beta * KL, the score (B,) on the last token), GAE advantages and returns; beside them the
+    rollout's log-probs and values the loss compares with (rl_math.py has each formula)."""
+    kl = rl_math.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
+    rewards = rl_math.token_rewards(score, kl, mask, cfg.beta)
+    adv, ret = rl_math.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    return {"logp": old_logp, "values": values, "kl": kl, "rewards": rewards, "adv": adv, "ret": ret, "mask": mask}
 
 
-def _iteration_figures(chunks, parts, samples, records, answers, beta, eos_id, group, device, timer) -> dict:
+def whiten_advantages(chunks: list[dict], group) -> None:
+    """Whiten the advantages of `chunks` (ppo_targets' dicts) in place over all their answer tokens, on every
+    rank of `group` (False: this process alone)."""
+    mean, var = rl_math.moments(torch.cat([c["adv"].flatten() for c in chunks]),
+                                torch.cat([c["mask"].flatten() for c in chunks]), group=group)
+    for c in chunks:
+        c["adv"] = (c["adv"] - mean) * torch.rsqrt(var + 1e-8) * c["mask"]
+
+
+def ppo_loss(logp: torch.Tensor, values: torch.Tensor, target: dict, cfg: PPOConfig, n_sequences: float,
+             n_tokens: float) -> tuple[torch.Tensor, dict]:
+    """PPO's loss of one micro-batch: the clipped surrogate + value_coef * the (clipped) value loss, each
+    averaged as cfg.loss_averaging over the whole mini-batch (its n_sequences answers and n_tokens tokens).
+    logp, values (B, T): the current policy's and critic's; target: `ppo_targets`' dict of the same rows.
+    Returns (loss, {"policy", "value", "clipped" (B, T), "ratio" (B, T, detached)})."""
+    mask = target["mask"]
+    pg_tok, clipped, ratio = rl_math.clipped_surrogate(logp, target["logp"], target["adv"], cfg.clip)
+    vl_tok = rl_math.value_loss(values, target["values"], target["ret"], cfg.value_clip)
+    pg = rl_math.reduce_tokens(pg_tok, mask, cfg.loss_averaging, n_sequences, n_tokens)
+    vl = rl_math.reduce_tokens(vl_tok, mask, cfg.loss_averaging, n_sequences, n_tokens)
+    return pg + cfg.value_coef * vl, {"policy": pg.detach(), "value": vl.detach(), "clipped": clipped,
+                                      "ratio": ratio.detach()}
+
+
+def _iteration_figures(chunks, gated, samples, records, answers, beta, eos_id, group, device, timer) -> dict:
     """The iteration's figures over every rank: the reward and its parts, KL to the reference, entropy,
     explained variance, the answers' figures (rl_iteration.rollout_sums) and the time per phase."""
     every = [c for row in chunks for c in row]
     cat = {k: torch.cat([c[k].flatten() for c in every]) for k in ("values", "ret", "entropy", "mask")}
     seq_kl = torch.cat([c["kl"].sum(-1) for c in every])
     n = float(len(samples))
-    sums = {"reward": (parts["score"].sum().item(), n),
+    sums = {"reward": (gated["score"].sum().item(), n),
             "reward/total": (sum(c["rewards"].sum().item() for c in every), n),
             "reward/kl_penalty": (beta * seq_kl.sum().item(), n),
-            "reward/safety_share": (parts["used_safety"].float().sum().item(), n),
-            "reward/helpfulness_rm": (parts["helpfulness"].sum().item(), n),
+            "reward/safety_share": (gated["used_safety"].float().sum().item(), n),
+            "reward/helpfulness_rm": (gated["helpfulness"].sum().item(), n),
             "kl": (seq_kl.sum().item(), n),
             "kl/token": (seq_kl.sum().item(), cat["mask"].sum().item()),
             "entropy": (cat["entropy"].sum().item(), cat["mask"].sum().item()),
             **rollout_sums(samples, records, answers, eos_id)}
-    if "safety" in parts:
-        sums["reward/safety_rm"] = (parts["safety"].sum().item(), n)
+    if "safety" in gated:
+        sums["reward/safety_rm"] = (gated["safety"].sum().item(), n)
     out = global_means(sums, group, device)
     out["value/explained_variance"] = rl_math.explained_variance(cat["values"], cat["ret"], cat["mask"], group).item()
     return out | timer.figures(global_sum(out["answer/length"] * n, group, device))
 
 
-__all__ = ["CriticConfig", "PPOConfig", "PPO_OPTIM", "RewardConfig", "init_critic", "ppo"]
+__all__ = ["CriticConfig", "PPOConfig", "PPO_OPTIM", "RewardConfig", "init_critic", "ppo", "ppo_loss", "ppo_targets",
+           "whiten_advantages"]
