@@ -232,7 +232,7 @@ def grpo(
     except BaseException:
         job.close()
         raise
-    harness.finish_run(job, state, plot_keys=("reward", "oracle/helpfulness", "kl", "groups/zero_variance", "entropy"))
+    harness.finish_run(job, state, plot_keys=("reward", "oracle/helpfulness", "kl"))
     if run.save_model:
         harness.export_model(job, policy, tok_path)
     return job.dir

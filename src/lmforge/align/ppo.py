@@ -288,7 +288,7 @@ def ppo(
     return job.dir
 
 
-PLOT_KEYS = ("reward", "oracle/helpfulness", "kl", "oracle/violation_rate", "entropy", "value/explained_variance")
+PLOT_KEYS = ("reward", "oracle/helpfulness", "kl", "oracle/violation_rate")  # the rest: metrics.jsonl, TensorBoard
 
 
 def ppo_targets(old_logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
