@@ -51,7 +51,7 @@ from lmforge.align.rl_iteration import (
     rollout_sums,
 )
 from lmforge.align.rollout import RolloutConfig, make_engine, response_logprobs, response_values, sync_engine
-from lmforge.align.scorers import GatedReward, check_scorers, make_scorer
+from lmforge.align.scorers import RewardConfig, check_scorers, make_gate
 from lmforge.parallel import ParallelConfig, parallelize
 from lmforge.train import harness
 from lmforge.train.config import RunConfig, TrainConfigError
@@ -94,26 +94,6 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.minibatch_size < 1 or self.epochs < 1 or not 0 < self.clip < 1 or self.beta < 0:
             raise TrainConfigError("ppo.minibatch_size and ppo.epochs must be >= 1, ppo.clip in (0, 1), ppo.beta >= 0")
-
-
-@dataclass
-class RewardConfig:
-    """Llama 2's gated reward.
-
-    Attributes:
-        helpfulness: The Helpfulness RM: a reward model folder, or "oracle:helpfulness" (the chat world's
-            oracle as a stand-in; scorers.py).
-        safety: The Safety RM: a reward model folder or "oracle:safety"; None takes it out of the gate (every
-            answer is judged by the Helpfulness RM: the ablation).
-        safety_threshold: The gate picks the Safety RM where its sigmoid score is below this (Llama 2: 0.15),
-            and on every safety-tagged prompt.
-        whiten: Whiten logit(Rc) over each iteration's answers (Llama 2: yes).
-    """
-
-    helpfulness: str = "oracle:helpfulness"
-    safety: str | None = "oracle:safety"
-    safety_threshold: float = rl_math.SAFETY_THRESHOLD
-    whiten: bool = True
 
 
 @dataclass
@@ -187,8 +167,7 @@ def ppo(
     reference = frozen(load_model(init_from, device=device, dtype=torch.float32))
     value = init_critic(critic.init_from or init_from, device, train.seed)
     records, prompt_ids = read_prompts(prompts, tokenizer, policy.config.max_seq_len, rollout.max_new_tokens)
-    gate = GatedReward(make_scorer(reward.helpfulness, device),
-                       make_scorer(reward.safety, device) if reward.safety else None, reward.safety_threshold)
+    gate = make_gate(reward, device)
     check_scorers(records, gate.helpfulness, gate.safety)
     schedule = PromptSchedule(len(records), prompts.per_iteration, train.seed)
     plan_iteration(schedule, 0, 1, ppo.minibatch_size, train.seed, dp)  # checks the sizes before any work
@@ -349,5 +328,5 @@ def _iteration_figures(chunks, gated, samples, records, answers, beta, eos_id, g
     return out | timer.figures(global_sum(out["answer/length"] * n, group, device))
 
 
-__all__ = ["CriticConfig", "PPOConfig", "PPO_OPTIM", "RewardConfig", "init_critic", "ppo", "ppo_loss", "ppo_targets",
+__all__ = ["CriticConfig", "PPOConfig", "PPO_OPTIM", "init_critic", "ppo", "ppo_loss", "ppo_targets",
            "whiten_advantages"]

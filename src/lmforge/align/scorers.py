@@ -194,5 +194,31 @@ class GatedReward:
         return {"score": chosen, "used_safety": used, "helpfulness": rh, "safety": rs}
 
 
-__all__ = ["GatedReward", "ORACLE_EPS", "RewardModelScorer", "Scorer", "ScorerError", "check_scorers",
-           "make_scorer", "oracle_figures", "oracle_sums", "verifiable_reward"]
+@dataclass
+class RewardConfig:
+    """Llama 2's gated reward.
+
+    Attributes:
+        helpfulness: The Helpfulness RM: a reward model folder, or "oracle:helpfulness" (the chat world's
+            oracle as a stand-in, module docstring).
+        safety: The Safety RM: a reward model folder or "oracle:safety"; None takes it out of the gate (every
+            answer is judged by the Helpfulness RM: the ablation).
+        safety_threshold: The gate picks the Safety RM where its sigmoid score is below this (Llama 2: 0.15),
+            and on every safety-tagged prompt.
+        whiten: Whiten logit(Rc) over each iteration's answers (Llama 2: yes).
+    """
+
+    helpfulness: str = "oracle:helpfulness"
+    safety: str | None = "oracle:safety"
+    safety_threshold: float = SAFETY_THRESHOLD
+    whiten: bool = True
+
+
+def make_gate(cfg: RewardConfig, device: torch.device | None = None) -> GatedReward:
+    """The gate of `cfg`'s scorers."""
+    safety = make_scorer(cfg.safety, device) if cfg.safety else None
+    return GatedReward(make_scorer(cfg.helpfulness, device), safety, cfg.safety_threshold)
+
+
+__all__ = ["GatedReward", "ORACLE_EPS", "RewardConfig", "RewardModelScorer", "Scorer", "ScorerError", "check_scorers",
+           "make_gate", "make_scorer", "oracle_figures", "oracle_sums", "verifiable_reward"]

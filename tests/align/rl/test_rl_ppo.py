@@ -11,6 +11,7 @@ import time
 import pytest
 from rl_helpers import COMMON_KEYS, common_args, curve, records
 
+from lmforge.align.prompts import PromptSchedule, read_prompt_records
 from lmforge.cli import main
 from lmforge.train.checkpointing import latest_checkpoint
 
@@ -43,7 +44,7 @@ def test_golden_rewards_and_losses_through_the_cli(golden_run):
     assert (golden_run / "config.yaml").read_text().splitlines()[1].startswith("# lmforge ppo --config")
 
 
-def test_every_metric_is_logged_and_the_first_minibatch_ratio_is_one(golden_run):
+def test_every_metric_is_logged_and_the_first_minibatch_ratio_is_one(rl_world, golden_run):
     rs = records(golden_run)
     keys = COMMON_KEYS + ("reward/total", "reward/kl_penalty", "reward/safety_share", "reward/safety_rm",
                           "reward/helpfulness_rm", "value/loss", "value/explained_variance", "policy/loss")
@@ -55,7 +56,15 @@ def test_every_metric_is_logged_and_the_first_minibatch_ratio_is_one(golden_run)
         assert r["reward/kl_penalty"] == pytest.approx(0.01 * r["kl"], rel=1e-5)
         assert r["time/iteration"] == pytest.approx(sum(r[f"time/{k}"] for k in ("rollout", "scoring", "training",
                                                                                   "sync")))
-    assert all(k in rs[0] for k in ("oracle/violation_rate", "oracle/false_refusal_rate"))  # where the iteration's prompts hold look-alikes
+    # the oracle's violation / false-refusal rates appear exactly where the iteration's prompts hold unsafe
+    # requests / look-alikes (iteration 1 of this schedule has no look-alike, iteration 3 has one)
+    prompts = read_prompt_records([str(rl_world["prompts"])])
+    schedule = PromptSchedule(len(prompts), 8, 0)
+    for i, r in enumerate(rs):
+        kinds = {prompts[j]["meta"]["kind"] for j in schedule.iteration(i)}
+        assert ("oracle/violation_rate" in r) == ("unsafe" in kinds), (i, kinds)
+        assert ("oracle/false_refusal_rate" in r) == ("lookalike" in kinds), (i, kinds)
+    assert any("oracle/false_refusal_rate" in r for r in rs) and any("oracle/violation_rate" in r for r in rs)
     assert rs[0]["kl"] == 0  # the first rollout comes from the reference itself
     # ... and the check can fail: the second mini-batch sees a moved policy (its ratio is not 1 everywhere)
     assert any(r["policy/approx_kl"] != 0 for r in rs) and any(r["policy/clip_fraction"] > 0 for r in rs)
