@@ -133,26 +133,23 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
     return {"system": system, "step_s": sum(times) / len(times), "loss": float(losses[-1])}
 
 
-def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
-    import datasets
-    import peft
-    import trl
+def ids_tokenizer(pad_token: str = "</s>"):
+    """A Hugging Face tokenizer only for its special ids (<unk> 0, <s> 1, </s> 2): the data is pre-tokenized."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
 
-    with torch.device(device), _base_dtype(device):
-        model = hf_model(cfg, "sdpa")
-    # A tokenizer only for its pad / eos ids: the data is pre-tokenized.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
-    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": completion.int().tolist()})
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token=pad_token)
+
+
+def step_timer(device: torch.device, warmup: int):
+    """A Trainer callback keeping the wall time of each step after the first `warmup`, synchronised with the
+    device (the Trainer's own step loop, nothing else): `.times`."""
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Per-step wall time, synchronised with the device (the Trainer's own step loop, nothing else)."""
-
         def __init__(self):
             self.times, self.t0 = [], 0.0
 
@@ -162,10 +159,23 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
 
         def on_step_end(self, targs, state, control, **kw):
             _sync(device)
-            if state.global_step > args.warmup:
+            if state.global_step > warmup:
                 self.times.append(time.perf_counter() - self.t0)
 
-    timer = StepTimer()
+    return StepTimer()
+
+
+def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
+    import datasets
+    import peft
+    import trl
+
+    with torch.device(device), _base_dtype(device):
+        model = hf_model(cfg, "sdpa")
+    tokenizer = ids_tokenizer()
+    ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": completion.int().tolist()})
+    timer = step_timer(device, args.warmup)
     with tempfile.TemporaryDirectory() as out:
         sft_args = trl.SFTConfig(
             output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
@@ -184,6 +194,16 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
         result = trainer.train()
     return {"system": f"trl-{trl.__version__}+peft-{peft.__version__}", "step_s": sum(timer.times) / len(timer.times),
             "loss": result.training_loss}
+
+
+def run_worker(cmd: list[str], system: str, micro_batch: int) -> dict:
+    """Run one measurement in a fresh process (its peak memory its own); its "ROW {json}" line, or the error."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    row = json.loads(found[-1]) if found else {
+        "system": system, "micro_batch": micro_batch, "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 @contextlib.contextmanager
@@ -224,47 +244,64 @@ def _table_line(r: dict) -> str:
     return f"{r['system']:34s} {r['micro_batch']:3d} {figures}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default="lmforge,trl", help="comma-separated subset of lmforge, trl")
-    ap.add_argument("--micro_batches", default="2", help="comma-separated micro-batch sizes")
-    ap.add_argument("--seq_len", type=int, default=4096)
+def add_grid_arguments(ap: argparse.ArgumentParser, systems: list[str], micro_batches: str, seq_len: int) -> None:
+    """The options of a benchmark that measures each (system, micro-batch) in its own process (`run_grid`)."""
+    ap.add_argument("--systems", default=",".join(systems), help=f"comma-separated subset of {', '.join(systems)}")
+    ap.add_argument("--micro_batches", default=micro_batches, help="comma-separated micro-batch sizes")
+    ap.add_argument("--seq_len", type=int, default=seq_len)
     ap.add_argument("--examples", type=int, default=64, help="distinct examples (cycled)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--checkpointing", choices=["none", "full"], default="none",
-                    help="activation checkpointing on both sides (TRL: gradient_checkpointing)")
     ap.add_argument("--compile", type=int, default=1, help="lmforge: torch.compile per block (1) or eager (0)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test)")
-    ap.add_argument("--worker", choices=["lmforge", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=systems, help=argparse.SUPPRESS)
     ap.add_argument("--micro_batch", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+
+
+def as_worker(args, worker) -> bool:
+    """Apply --quick's smoke-test sizes; in a worker process (--worker), print `worker(args)`'s ROW line: True."""
     if args.quick:
         args.seq_len, args.examples, args.steps, args.warmup, args.compile = 64, 8, 2, 1, 0
     if args.worker:
         print("ROW " + json.dumps(worker(args)), flush=True)
-        return
+    return bool(args.worker)
+
+
+def run_grid(script: str, args, flags: list[str]) -> list[dict]:
+    """Every (system, micro-batch) of --systems x --micro_batches, each in a fresh process of `script` with the
+    common options and `flags`."""
     rows = []
     for system in args.systems.split(","):
         for mb in args.micro_batches.split(","):
-            cmd = [sys.executable, __file__, "--worker", system, "--micro_batch", mb, "--seq_len", str(args.seq_len),
+            cmd = [sys.executable, script, "--worker", system, "--micro_batch", mb, "--seq_len", str(args.seq_len),
                    "--examples", str(args.examples), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--checkpointing", args.checkpointing, "--compile", str(args.compile)]
-            cmd += ["--quick"] if args.quick else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-            row = json.loads(found[-1]) if found else {
-                "system": system, "micro_batch": int(mb), "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                   "--compile", str(args.compile), *flags]
+            rows.append(run_worker(cmd + (["--quick"] if args.quick else []), system, int(mb)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_grid_arguments(ap, ["lmforge", "trl"], micro_batches="2", seq_len=4096)
+    ap.add_argument("--checkpointing", choices=["none", "full"], default="none",
+                    help="activation checkpointing on both sides (TRL: gradient_checkpointing)")
+    args = ap.parse_args()
+    if as_worker(args, worker):
+        return
+    rows = run_grid(__file__, args, ["--checkpointing", args.checkpointing])
     print(f"\n{'system':34s} {'mb':>3s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
     print("\n".join(_table_line(r) for r in rows))
     ok = {r["system"].split("-")[0]: r for r in rows if "error" not in r and r["micro_batch"] == rows[0]["micro_batch"]}
     if {"lmforge", "trl"} <= ok.keys():
         print(f"lmforge / TRL tokens/s at micro-batch {rows[0]['micro_batch']}: "
               f"{ok['lmforge']['tokens_per_s'] / ok['trl']['tokens_per_s']:.2f}x")
+    write_rows("lora_sft.json", rows)
+
+
+def write_rows(name: str, rows: list[dict]) -> None:
+    """$OUT/name: the device, torch's version and the rows, if OUT is set."""
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "lora_sft.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "torch": torch.__version__, "rows": rows}, f, indent=1)
 

@@ -38,6 +38,7 @@ import torch
 
 from lmforge import ModelConfig, Transformer
 from lmforge.infer.engine import LLMEngine
+from lmforge.infer.fuse import unfuse_projections
 from lmforge.infer.sampling import SamplingParams
 from lmforge.models.convert import model_config_to_hf_config
 
@@ -215,9 +216,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--attention", default=None, choices=["varlen", "padded", "reference"],
                     help="attention of the packed steps (default: the engine's: varlen on CUDA, padded on the CPU)")
     ap.add_argument("--decode-paths", default=None,
-                    help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, each "
-                         "optionally /sdpa or /fused for its attention (else the engine's default: fused on CUDA), "
-                         "e.g. cuda_graph/sdpa (default: cuda_graph on CUDA, packed on the CPU); (b) uses the first")
+                    help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, compile, "
+                         "each optionally /sdpa, /fused or /triton for its attention (else the engine's default: "
+                         "fused on CUDA) and +sync (no overlap of host work with the GPU) or +unfused (no fused "
+                         "projections), e.g. compile/triton or cuda_graph/fused+sync+unfused (the engine before "
+                         "issue 16, but for its sampling) (default: cuda_graph on CUDA, packed on the CPU); (b) uses "
+                         "the first")
     args = ap.parse_args(argv)
     quick, only = args.quick, set(args.only.split(","))
     device = "cpu" if quick or not torch.cuda.is_available() else "cuda"
@@ -242,9 +246,18 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
     emit({"case": "copy_bandwidth", "device": device, "GB_per_s": round(bw / 1e9, 1)})
     paths = (args.decode_paths or ("cuda_graph" if device == "cuda" else "packed")).split(",")
 
-    def path_kw(path: str) -> dict:  # "cuda_graph/sdpa" -> decode_path="cuda_graph", decode_attention="sdpa"
-        name, _, attention = path.partition("/")
-        return {"decode_path": name, "decode_attention": attention or None}
+    def path_kw(path: str) -> dict:  # "cuda_graph/sdpa+sync" -> decode_path, decode_attention, overlap=False
+        spec, *flags = path.split("+")
+        name, _, attention = spec.partition("/")
+        kw = {"decode_path": name, "decode_attention": attention or None}
+        unknown = set(flags) - {"sync", "unfused"}
+        if unknown:
+            raise SystemExit(f"unknown decode path flag(s) {sorted(unknown)} in {path!r}: use +sync, +unfused")
+        if "sync" in flags:
+            kw["overlap"] = False
+        if "unfused" in flags:
+            kw["fuse_projections"] = False
+        return kw
 
     engine_kw = dict(block_size=16, max_num_batched_tokens=256 if quick else 4096, max_num_seqs=64 if quick else 256,
                      attention=args.attention, **path_kw(paths[0]))
@@ -264,7 +277,10 @@ def run(args, quick: bool, only: set[str], device: str, dtype: torch.dtype) -> l
         step_bytes = weight_bytes + B * (P + O / 2) * kv_per_token  # at the mean context of the decode phase
         limit = B / (step_bytes / bw)
         for path in paths:
-            engine = LLMEngine(model, **(engine_kw | path_kw(path)))
+            kw = engine_kw | path_kw(path)
+            if kw.get("fuse_projections") is False:  # an earlier path's engine fused the model in place
+                unfuse_projections(model)
+            engine = LLMEngine(model, **kw)
             drive(engine, prompts, [O] * B, None)  # warm-up: captures and compiles for every shape of the run
             res = drive(engine, prompts, [O] * B, None)
             if args.profile:

@@ -1,5 +1,7 @@
 """Shared test settings: CPU, float32, deterministic, few threads (CI has 2 cores)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,11 @@ import torch
 from lmforge.tokenizer.train import train_tokenizer
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # NOTE: Triton kernels (lmforge.infer.engine.triton_decode) run on the CPU under Triton's interpreter,
+    # which must be chosen before anything imports triton (torch.compile may, to probe for it); never on a
+    # GPU machine, where it would slow every Inductor kernel down
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -59,3 +59,19 @@ def tiny_tokenizer_path() -> str:
     folder = Path(tempfile.mkdtemp(prefix="lmforge-infer-tok-"))
     (folder / "corpus.txt").write_text(CORPUS * 20)
     return train_tokenizer(data=[str(folder / "corpus.txt")], out_dir=str(folder / "tok"), vocab_size=320, num_threads=1)
+
+
+def run_benchmark_quick(script: str, tmp_path, result: str) -> list[dict]:
+    """Run benchmarks/SCRIPT --quick in a subprocess (one thread, $OUT = tmp_path); the rows of $OUT/RESULT."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--quick"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((Path(tmp_path) / result).read_text())["rows"]

@@ -26,10 +26,18 @@ VERBS: dict = {
     "chat": "lmforge.infer.cli:chat",
     "pretrain": "lmforge.train.pretrain:pretrain",
     "sft": "lmforge.align.sft:sft",
+    "preferences": {"_help": "Preference data: `lmforge preferences collect` samples two answers per prompt and "
+                             "labels them with the chat world's oracle (Llama 2's degrees and safety bins).",
+                    "collect": "lmforge.align.preferences:collect_preferences"},
+    "rm": {"_help": "Reward models: `rm train` (Llama 2's ranking loss with margins), `rm eval` (accuracy per "
+                    "degree and safety bin, calibration), `rm score` (scores of dialogues).",
+           "train": "lmforge.align.rm:rm_train",
+           "eval": "lmforge.align.rm_eval:rm_eval",
+           "score": "lmforge.align.rm_eval:rm_score"},
+    "dpo": "lmforge.align.dpo:dpo",
     "rs": "lmforge.align.rs:rs",
     "ppo": "lmforge.align.ppo:ppo",
     "grpo": "lmforge.align.grpo:grpo",
-    "rlhf": "lmforge.align.rlhf:rlhf",
     "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
@@ -40,8 +48,13 @@ VERBS: dict = {
               "build": "lmforge.align.world.build:build_world"},
     "tokenizer": {"_help": "Tokenizers: `lmforge tokenizer train` trains a SentencePiece BPE tokenizer.",
                   "train": "lmforge.tokenizer.train:train_tokenizer"},
-    "data": {"_help": "Data sets: `lmforge data prepare` tokenizes corpora into token shards.",
-             "prepare": "lmforge.data.prepare:prepare_data"},
+    "data": {"_help": "Data sets: `lmforge data prepare` tokenizes corpora into token shards; `lmforge data audit` "
+                      "counts pronouns, identity terms, toxicity and languages in a corpus.",
+             "prepare": "lmforge.data.prepare:prepare_data",
+             "audit": "lmforge.data.audit.audit:audit_data"},
+    "analyze": {"_help": "Analyses of models: `lmforge analyze temperature` (answer diversity against temperature, "
+                         "factual and creative prompts, Llama 2's Figure 21).",
+                "temperature": "lmforge.analyze.temperature:analyze_temperature"},
     "lora": {"_help": "LoRA adapters: `lmforge lora export` writes them merged or as a peft adapter folder.",
              "export": "lmforge.lora_export:export_lora"},
 }

@@ -11,7 +11,10 @@ knows nothing of weights. A Hugging Face folder that vLLM and transformers load 
       .lmforge-output                                              the output rule's marker (lmforge.io)
 
 generation_config.json takes the tokenizer's own <s>, </s> (and pad, where it has one) ids, so that
-generation in transformers and vLLM stops where ours does.
+generation in transformers and vLLM stops where ours does. A reward model (`head: reward`, from `lmforge rm
+train`) exports as LlamaForSequenceClassification (Mistral..., Mixtral...) with one label, whose `score` is
+our `reward_head`, and no generation_config.json; its pad_token_id is <unk> (id 0), never </s>: transformers
+reads the score at the last token that is not padding, and our sequences end with </s>.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def convert(
 
     Args:
         src: our folder, a Hugging Face Llama / Mistral / Mixtral folder, or a Meta folder (params.json +
-            consolidated.*.pth).
+            consolidated.*.pth); a reward model (ours, or a *ForSequenceClassification) converts too.
         dst: output folder: missing, empty, or one lmforge wrote (then --overwrite true replaces it); a
             folder with anything else in it is refused. Written under a temporary name, renamed when complete.
         to: "lmforge" (our safetensors format) or "hf" (a folder transformers and vLLM load).
@@ -67,7 +70,7 @@ def convert(
     claim_output_dir(dst_path, overwrite)  # before loading: a refusal should not wait for the weights
     torch_dtype = getattr(torch, dtype) if dtype else None
     with tqdm(total=2, desc=f"convert -> {to}", unit="step") as bar:
-        model = load_model(src_path, dtype=torch_dtype, progress=True)
+        model = load_model(src_path, dtype=torch_dtype, progress=True, head=None)  # a language or reward model
         bar.update()
         tokenizer = src_path / "tokenizer.model"
         tokenizer = tokenizer if tokenizer.exists() else None

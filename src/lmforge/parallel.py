@@ -213,6 +213,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> Transformer:
                          "1 (FSDP2 shards adapters and base over the ranks)")
     tp = tp_mesh.size()
     cfg = model.config
+    if any(block.attention.wqkv is not None for block in model.layers):
+        raise ValueError("the model's projections are fused for decoding (lmforge.infer.fuse): split it first, or "
+                         "call unfuse_projections(model)")
     if cfg.n_heads % tp or cfg.n_kv_heads % tp:
         raise ValueError(f"tensor-parallel degree {tp} must divide n_heads ({cfg.n_heads}) and n_kv_heads "
                          f"({cfg.n_kv_heads})")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,3 +26,18 @@ def test_decode_benchmark_quick(tmp_path):
     assert all(r["cache"] == "RollingCache" for r in rows)
     assert len({r["cache_bytes"] for r in rows}) == 1  # the rolling buffer does not grow with the prompt
     assert "lmforge eager" in proc.stdout and "rolling-buffer pre-fill" in proc.stdout
+
+
+@pytest.mark.slow
+def test_decode_benchmark_compares_fused_and_generate_paths(tmp_path):
+    """--modes eager,generate:eager --fuse off,on: four rows in one run, all with the eager tokens."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--quick", "--only", "a", "--repeats", "1",
+           "--modes", "eager,generate:eager", "--fuse", "off,on"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode.json").read_text())["lmforge"]
+    assert [(r["mode"], r["fused"]) for r in rows] == [("eager", False), ("generate:eager", False),
+                                                        ("eager", True), ("generate:eager", True)]
+    assert all(r["same_tokens_as_eager"] == 16 and r["tok_s_end_to_end"] > 0 for r in rows)
+    assert "lmforge generate:eager fused" in proc.stdout

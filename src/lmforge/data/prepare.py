@@ -2,7 +2,7 @@
 
 Pipeline (P = `workers` processes, each loading the tokenizer once):
 
-    main process: read documents in order ──► batches of ~1 MB of text ──► pool (P workers, ≤ 2P batches
+    main process: read documents in order ──► batches of ~256 KiB of text ──► pool (P workers, ≤ 2P batches
     in flight): encode + eos, hash for the split ──► results in submission order ──► ShardWriter
 
 Results are consumed in document order, so the shards are byte-identical for any number of workers. A
@@ -24,13 +24,11 @@ written into, whatever the flags.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import re
 import shutil
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,12 +40,12 @@ from lmforge.data.shards import (
     FORMAT, MANIFEST, PROGRESS, SPLITS, ShardWriter, is_validation, read_manifest, shard_files, token_dtype,
     verify_shard, write_json_atomic,
 )
+from lmforge.data.pool import batches, ordered_map
 from lmforge.data.sources import DataError, Source, iter_documents, resolve_sources
 from lmforge.io import MARKER, claim_output_dir, is_lmforge_output, read_json, write_marker
 from lmforge.tokenizer.tokenizer import Tokenizer, TokenizerError
 
 DATA_WRITERS = ("data prepare", "write_token_documents")  # the `written_by` of folders this module fills
-BATCH_BYTES = 1 << 18  # text per task sent to a worker (256 KiB): amortises pickling, keeps workers balanced
 
 
 def prepare_data(
@@ -336,35 +334,9 @@ def _encode_batch(texts: list[str]) -> list[tuple[bool, np.ndarray]]:
     ]
 
 
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _tokenize(texts: Iterable[str], tokenizer_path: str, seed: int, val_fraction: float,
               workers: int) -> Iterator[tuple[bool, np.ndarray]]:
     """(is_validation, ids + eos) per text, in input order."""
-    if workers == 1:
-        _init_worker(tokenizer_path, seed, val_fraction)
-        for batch in _batches(texts):
-            yield from _encode_batch(batch)
-        return
-    # NOTE: "fork" where available: workers start in milliseconds instead of re-importing torch (spawn,
-    # forkserver); they run only SentencePiece, never torch, so forking a parent that imported torch is safe.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, seed, val_fraction)) as pool:
-        pending: deque = deque()
-        for batch in _batches(texts):
-            pending.append(pool.apply_async(_encode_batch, (batch,)))
-            if len(pending) >= 2 * workers:  # bounded: Pool.imap would read the whole corpus ahead
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    tasks = batches(texts, size=len)
+    for encoded in ordered_map(_encode_batch, tasks, workers, _init_worker, (tokenizer_path, seed, val_fraction)):
+        yield from encoded

@@ -27,7 +27,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 SEPARATOR = "-" * 40  # between the records of several prompts in --format text
 
 
-def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype | None):
+def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype | None, head: str = "lm"):
+    """(model in eval mode, Tokenizer) of a model folder, checked; `head` "reward" loads a reward model."""
     from lmforge.devices import resolve_device
     from lmforge.models.checkpoint import check_model_folder, load_model
     from lmforge.tokenizer.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ def _load(model: Path, tokenizer: Path | None, device: str | None, dtype: Dtype 
     tok_path = Path(tokenizer) if tokenizer is not None else model / "tokenizer.model"
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer: {tok_path} does not exist (pass --tokenizer PATH/tokenizer.model)")
-    net = load_model(model, device=dev, dtype=getattr(torch, dtype) if dtype else None).eval()
+    net = load_model(model, device=dev, dtype=getattr(torch, dtype) if dtype else None, head=head).eval()
     tok = Tokenizer(tok_path)
     if tok.vocab_size > net.config.vocab_size:
         raise GenerationError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, the model only {net.config.vocab_size}")
@@ -65,6 +66,14 @@ def _context_note(lengths: list[int], sampling: SamplingParams, config) -> str |
 def _prompt_label(item: str | list[dict]) -> str:
     """How a prompt is shown before its completion: the text, or a dialogue's last message."""
     return item if isinstance(item, str) else str(item[-1].get("content", "")) if item else ""
+
+
+def _fuse_on_cuda(net) -> None:
+    """One product for q, k, v and one for w1, w3 in every layer (lmforge.infer.fuse), where it pays: on CUDA."""
+    from lmforge.infer.fuse import fuse_projections
+
+    if next(net.parameters()).is_cuda:
+        fuse_projections(net)
 
 
 def _read_prompts(prompts: list[str] | str | None, prompt_file: Path | None) -> list[str | list[dict]]:
@@ -142,6 +151,7 @@ def generate_cli(
     net, tok = _load(model, tokenizer, device, dtype)
     if tensor_parallel > 1:
         _shard(net, tensor_parallel)
+    _fuse_on_cuda(net)
     if rank != 0:
         output, stream_text_allowed = Path(os.devnull), False
     else:
@@ -263,6 +273,7 @@ def chat(
     from lmforge.tokenizer.chat import encode_chat
 
     net, tok = _load(model, tokenizer, device, dtype)
+    _fuse_on_cuda(net)
     print(f"chatting with {model} (Llama 2 chat format): type a message and press Enter; /reset starts a new "
           "dialogue, /exit quits", file=sys.stderr)
     head = [{"role": "system", "content": system}] if system else []

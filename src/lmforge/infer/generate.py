@@ -5,7 +5,8 @@ Notation: B prompts, L_b the length of prompt b, T = max_b L_b, C the pre-fill c
     prompts ──► left-pad to (B, T), per-row positions (-1 on padding)          (see lmforge.infer.cache)
             ──► pre-fill in chunks of C columns; only the last chunk projects to the vocabulary, and only at
                 its last column (every row's last prompt token): logits (B, V)
-            ──► loop: sample (B,) ─► events ─► DecodeStep(tokens (B, 1), positions (B, 1)) ─► logits (B, V)
+            ──► sample (B,) ─► loop: events ─► DecodeStep(tokens (B, 1), positions (B, 1)) ─► tokens (B,)
+                (the decode step samples inside its graph: decode_step.py)
 
 The batch is static: a finished row keeps its slot (its position stops advancing and its outputs are
 ignored) until every row has finished. Continuous batching is the serving engine's job.
@@ -17,17 +18,16 @@ sliding-window model has no context limit here: the rolling buffer serves any le
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from lmforge.infer.cache import cache_config, make_cache
-from lmforge.infer.decode_step import DecodeMode, DecodeStep
+from lmforge.infer.decode_step import DecodeMode, kept_decode_step
 from lmforge.infer.detokenize import TextStream
-from lmforge.infer.sampling import SamplingBatch, SamplingParams, sample
+from lmforge.infer.sampling import SamplingFlags, SamplingParams, sample
+from lmforge.infer.transfer import to_device, to_host_later
 from lmforge.models.transformer import Transformer
 
 
@@ -163,16 +163,16 @@ def generate_stream(
     max_len = max(L + p.max_new_tokens for L, p in zip(lengths, params))
     if config.sliding_window is None:
         max_len = min(max_len, config.max_seq_len)
-    cache = make_cache(cache_config(model), B, max_len, kind=cache_kind, device=device, dtype=dtype)
+    # NOTE: a model whose vocabulary is padded past the tokenizer's (to a multiple of 64, say) never samples
+    # the padding ids, which the tokenizer could not decode: logits are cut to the tokenizer's vocabulary.
+    n_vocab = min(config.vocab_size, getattr(tokenizer, "vocab_size", None) or config.vocab_size)
+    # the decode step samples inside its graph, with a static sampling batch; compiled / captured once
+    cache, step = kept_decode_step(model, B, max_len, cache_kind, decode_mode, dtype, SamplingFlags.of(params), n_vocab)
+    step.sampling.load(params, prompts)
     chunk = prefill_chunk or config.sliding_window or T
 
     tokens, positions = _left_pad(prompts, device)
     logits = prefill(model, cache, tokens, positions, chunk)
-    step = DecodeStep(model, cache, decode_mode)
-    # NOTE: a model whose vocabulary is padded past the tokenizer's (to a multiple of 64, say) never samples
-    # the padding ids, which the tokenizer could not decode: logits are cut to the tokenizer's vocabulary.
-    n_vocab = min(config.vocab_size, getattr(tokenizer, "vocab_size", None) or config.vocab_size)
-    batch = SamplingBatch(params, prompts, n_vocab, device)
     # The end of each prompt is the context of its text, so that a continuation's first space is kept.
     texts = [TextStream(tokenizer, p.stop, context=prompt[-CONTEXT_IDS:]) if tokenizer is not None else None
              for p, prompt in zip(params, prompts)]
@@ -182,13 +182,14 @@ def generate_stream(
     pos = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the token fed next
     advance = torch.ones(B, 1, dtype=torch.long, device=device)  # 0 once a row has finished
 
+    out = sample(logits[:, :n_vocab], step.sampling)  # the first tokens, from the pre-fill's logits
     while True:
-        out = sample(logits[:, :n_vocab], batch)
         fetched = to_host_later([out.tokens, out.logprobs, out.top_ids, out.top_logprobs])
-        # NOTE: the next decode step is launched before this step's tokens reach the host, so the device
-        # computes while the host checks stops and streams text. Rows that turn out finished have their
-        # position advance undone below; when every row has finished, that one step is wasted.
-        next_logits = step(out.tokens[:, None], pos)
+        # NOTE: the next decode step (forward and sampling) is launched before this step's tokens reach the
+        # host, so the device computes while the host checks stops and streams text. Rows that turn out
+        # finished have their position advance undone below; when every row has finished, that one step is
+        # wasted. The tokens are cloned: `out` may be a graph's output, which its next replay overwrites.
+        next_out = step(out.tokens[:, None].clone(), pos)
         pos += advance
         ids, logprobs, top_ids, top_logprobs = fetched()  # the one wait for the device per step
         top = list(zip(top_ids, top_logprobs)) if top_ids is not None else None
@@ -219,26 +220,10 @@ def generate_stream(
         if all(finished):
             return
         if newly_finished:
-            still = torch.tensor([[0] if f else [1] for f in finished], device=device)
+            still = to_device(torch.tensor([[0] if f else [1] for f in finished]), device)
             pos -= advance - still  # a row that just finished keeps feeding its last position, as it was fed
             advance.copy_(still)
-        logits = next_logits
-
-
-def to_host_later(tensors: list[Tensor | None]) -> Callable[[], list[list | None]]:
-    """Start copying device tensors to the host without waiting; the returned function waits for the copies
-    (not for work queued after them) and gives their `.tolist()` (None stays None)."""
-    if tensors[0] is None or not tensors[0].is_cuda:
-        return lambda: [t.tolist() if t is not None else None for t in tensors]
-    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]  # pinned destinations
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[list | None]:
-        copied.synchronize()
-        return [h.tolist() if h is not None else None for h in host]
-
-    return wait
+        out = next_out
 
 
 def generate(
@@ -268,4 +253,6 @@ def generate(
     return results
 
 
-__all__ = ["GenerationError", "GenerationResult", "TokenEvent", "generate", "generate_stream", "prefill"]
+__all__ = [
+    "GenerationError", "GenerationResult", "TokenEvent", "generate", "generate_stream", "prefill", "to_host_later",
+]

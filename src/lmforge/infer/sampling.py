@@ -12,15 +12,17 @@ One decode step turns the model's logits (B, V) into one token per row, every ro
     5. top-p          keep the smallest prefix of the sorted distribution whose mass reaches p
     6. min-p          drop tokens whose probability is below min_p * (largest probability)
     7. sample         exponential race: argmax_v p_v / E_v with E_v ~ Exp(1), which picks v with probability p_v
+                      (computed as argmax_v (logits_v / T - log E_v): the softmax's normaliser drops out)
 
-Steps 4-6 run only when some row asks for them (decided from the host-side parameters, never from tensor
-values), and each filter is the identity for a row that leaves it off.
+Steps 4-6 run only when some row asks for them (`SamplingFlags`, decided from the host-side parameters, never
+from tensor values), and each filter is the identity for a row that leaves it off. `sample` is tensor
+operations only, so a compiled graph or a CUDA graph can hold it (with a static `SamplingBatch`).
 
-Determinism. A row with `seed` draws its E_v from its own `torch.Generator`, seeded once from `seed` when the
-request starts; each step draws exactly V variates from it. Its tokens therefore depend only on the seed and
-its own logits: the same request gives the same tokens alone or batched with any other requests (up to
-floating-point differences in the logits themselves, which batching can cause on some kernels). Rows without a
-seed draw from torch's global generator (reproducible only under `torch.manual_seed` and the same batch).
+Determinism. Row b's E_v are a pure function of its seed, its counter (the tokens it has sampled before) and v
+(noise.py): a request's tokens depend only on its seed and its own logits, alone or batched with any other
+requests, preempted and recomputed or not, in a graph or eagerly (up to floating-point differences in the
+logits themselves, which batching can cause on some kernels). A row without a seed gets one from torch's
+global generator when its batch is built (reproducible under `torch.manual_seed`).
 
 Log-probabilities. `logprobs` and `top_logprobs` are those of the model's distribution,
 log_softmax(raw logits), before penalties, temperature and filters.
@@ -34,8 +36,12 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from lmforge.infer.noise import counter_log_exponential
+from lmforge.infer.transfer import copy_to_device, to_device
 
 MAX_TOP_LOGPROBS = 20
 
@@ -136,66 +142,135 @@ class SamplingParams:
         return self.temperature == 0
 
 
-class SamplingBatch:
-    """Per-row sampling parameters as (B,) tensors, plus the token counts the penalties need.
+def token_index(token_lists: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
+    """(rows, ids) (N,) of every token of every row, copied to `device` at once (without waiting for the GPU)."""
+    rows = [b for b, ids in enumerate(token_lists) for _ in ids]
+    both = to_device(torch.tensor([rows, [t for ids in token_lists for t in ids]], dtype=torch.long), device)
+    return both[0], both[1]
 
-    Built once per batch of requests; `observe` records each step's sampled tokens.
+
+@dataclass(frozen=True)
+class SamplingFlags:
+    """Which stages `sample` runs, from the host-side parameters (never from tensor values). A graph that
+    samples is recorded for one set of flags."""
+
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    use_repetition: bool
+    use_counts: bool  # frequency or presence penalties
+    want_logprobs: bool
+    top_logprobs: int
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> "SamplingFlags":
+        greedy, top_k, top_p, min_p, rep, counts, logprobs, top = True, False, False, False, False, False, False, 0
+        for p in params:  # (one pass: this runs every engine step)
+            greedy &= p.temperature == 0
+            top_k |= p.top_k > 0
+            top_p |= p.top_p < 1
+            min_p |= p.min_p > 0
+            rep |= p.repetition_penalty != 1
+            counts |= p.frequency_penalty != 0 or p.presence_penalty != 0
+            logprobs |= p.logprobs
+            top = max(top, p.top_logprobs)
+        return cls(greedy, top_k, top_p, min_p, rep, counts, logprobs, top)
+
+
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_PADDING = SamplingParams(temperature=0)  # the parameters of a static batch's padding rows
+
+
+class SamplingBatch:
+    """Per-row sampling parameters as (B,) tensors, the token counts the penalties need, and each row's noise
+    seed and counter (noise.py).
+
+    Built once per batch of requests; `sample` counts each step's tokens (`observe`). A static batch
+    (`SamplingBatch.static`) keeps its tensors at fixed addresses for a graph to read, and is refilled in
+    place (`load`) before each replay; rows past the loaded ones are greedy padding.
     """
 
     def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]], vocab_size: int, device,
-                 generators: list[torch.Generator | None] | None = None):
-        """generators: one per row (None: the global generator) to draw from; by default a fresh one seeded with
-        each row's `seed`. A caller whose rows outlive the batch (the serving engine) passes their own."""
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        self.params = list(params)
-        B = len(params)
-        # one host-to-device copy for all the float columns: (6, B)
-        names = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
-        floats = _to_device(torch.tensor([[getattr(p, n) for p in params] for n in names], dtype=torch.float32), device)
-        self.temperature, self.top_p, self.min_p = floats[0], floats[1], floats[2]
-        self.repetition_penalty, self.frequency_penalty, self.presence_penalty = floats[3], floats[4], floats[5]
-        self.top_k = _to_device(torch.tensor([p.top_k for p in params], dtype=torch.long), device)
-        # Host-side switches (from the parameters, never from tensor values).
-        self.all_greedy = all(p.greedy for p in params)
-        self.any_greedy = any(p.greedy for p in params)
-        self.use_top_k = any(p.top_k > 0 for p in params)
-        self.use_top_p = any(p.top_p < 1 for p in params)
-        self.use_min_p = any(p.min_p > 0 for p in params)
-        self.use_repetition = any(p.repetition_penalty != 1 for p in params)
-        self.use_counts = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
-        self.top_logprobs = max(p.top_logprobs for p in params)
-        self.want_logprobs = any(p.logprobs for p in params)
-        if generators is None:
-            generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
-        elif len(generators) != B:
-            raise ValueError(f"{len(generators)} generators for {B} rows")
+                 generators: list[torch.Generator | None] | None = None, seeds: Sequence[int] | None = None,
+                 counters: Sequence[int] | None = None):
+        """seeds / counters: each row's noise seed and how many tokens it has sampled before (default: the
+        row's `seed`, or a draw from torch's global generator, and 0). generators: one per row (None: the
+        global generator) to draw the noise from instead, eager only."""
+        self._allocate(SamplingFlags.of(params), len(params), vocab_size, device)
+        self.load(params, prompts, seeds, counters)
+        if generators is not None and len(generators) != len(params):
+            raise ValueError(f"{len(generators)} generators for {len(params)} rows")
         self.generators = generators
-        self.prompt_mask = None
-        if self.use_repetition:
-            self.prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)  # (B, V)
-            for b, prompt in enumerate(prompts):
-                self.prompt_mask[b, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
-        self.output_counts = None
-        if self.use_repetition or self.use_counts:
-            self.output_counts = torch.zeros(B, vocab_size, dtype=torch.long, device=device)  # (B, V)
+
+    @classmethod
+    def static(cls, flags: SamplingFlags, rows: int, vocab_size: int, device) -> "SamplingBatch":
+        """An empty batch of `rows` rows for parameters with these flags, to `load` before each use."""
+        batch = cls.__new__(cls)
+        batch._allocate(flags, rows, vocab_size, device)
+        batch.generators = None
+        return batch
+
+    def _allocate(self, flags: SamplingFlags, rows: int, vocab_size: int, device) -> None:
+        self.flags, self.rows, self.vocab_size, self.device = flags, rows, vocab_size, device
+        self.floats = torch.zeros(len(_FLOATS), rows, device=device)  # (6, B), one copy fills them all
+        self.temperature, self.top_p, self.min_p = self.floats[0], self.floats[1], self.floats[2]
+        self.repetition_penalty, self.frequency_penalty, self.presence_penalty = self.floats[3:6]
+        self.ints = torch.zeros(3, rows, dtype=torch.long, device=device)  # (3, B): top-k, seed, counter
+        self.top_k, self.seeds, self.counters = self.ints[0], self.ints[1], self.ints[2]
+        shape = (rows, vocab_size)
+        self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=device) if flags.use_repetition else None
+        counted = flags.use_repetition or flags.use_counts
+        self.output_counts = torch.zeros(shape, dtype=torch.long, device=device) if counted else None
+
+    def load(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]],
+             seeds: Sequence[int] | None = None, counters: Sequence[int] | None = None) -> None:
+        """Write the first len(params) rows in place (without waiting for the GPU); output counts restart at 0."""
+        B = len(params)
+        if len(prompts) != B:
+            raise ValueError(f"{B} sampling params for {len(prompts)} prompts")
+        assert B <= self.rows and SamplingFlags.of(params) == self.flags, "parameters of other flags"
+        pad = [_PADDING] * (self.rows - B)
+        rows = list(params) + pad
+        seeds = list(seeds) if seeds is not None else [p.seed if p.seed is not None else random_seed() for p in params]
+        counters = list(counters) if counters is not None else [0] * B
+        # NOTE: numpy builds these from Python lists about 3x faster than torch.tensor (this runs every step)
+        floats = np.array([v for p in rows for v in (p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                                                    p.frequency_penalty, p.presence_penalty)], dtype=np.float32)
+        floats = torch.from_numpy(floats).view(len(rows), len(_FLOATS)).T  # (6, B), in the order of _FLOATS
+        ints = np.array([p.top_k for p in rows] + seeds + [0] * len(pad) + counters + [0] * len(pad), dtype=np.int64)
+        ints = torch.from_numpy(ints).view(3, -1)
+        copy_to_device([(self.floats, floats)])
+        copy_to_device([(self.ints, ints)])
+        if self.prompt_mask is not None:
+            self.prompt_mask.zero_()
+            row, ids = token_index([list(p) for p in prompts], self.device)
+            self.prompt_mask[row, ids] = True
+        if self.output_counts is not None:
+            self.output_counts.zero_()
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the batch holds (for `torch._dynamo.mark_static_address`)."""
+        return [t for t in vars(self).values() if isinstance(t, Tensor)]
+
+    def state(self) -> list[Tensor]:
+        """A copy of what sampling changes (counters, output counts), for `restore`."""
+        return [t.clone() for t in (self.ints, self.output_counts) if t is not None]
+
+    def restore(self, state: list[Tensor]) -> None:
+        for t, saved in zip((t for t in (self.ints, self.output_counts) if t is not None), state):
+            t.copy_(saved)
 
     def observe(self, tokens: Tensor) -> None:
-        """Count this step's sampled tokens (B,) for the penalties."""
+        """Count this step's sampled tokens (B,): the noise counters and the penalties' output counts."""
+        self.counters.add_(1)
         if self.output_counts is not None:
             self.output_counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
 
 
-def _to_device(t: Tensor, device) -> Tensor:
-    """Copy a small host tensor to `device` without waiting for the GPU.
-
-    NOTE: a copy from pageable host memory first waits for everything queued on the stream (CUDA's rule for
-    pageable copies); from pinned memory it is queued like a kernel. The serving engine builds a batch while
-    the model's forward pass still runs: with pageable copies the host would idle until the forward ends.
-    """
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+def random_seed() -> int:
+    """A seed for a row without one, from torch's global generator (so `torch.manual_seed` reproduces it)."""
+    return int(torch.randint(0, 2**62, (1,)))
 
 
 def apply_penalties(
@@ -277,41 +352,46 @@ class SampleOutput(NamedTuple):
 
 
 def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
-    """One token per row from logits (B, V) with the per-row parameters of `batch` (module docstring)."""
+    """One token per row from logits (B, V) with the per-row parameters of `batch` (module docstring).
+    Tensor operations only: no host sync, and the flags are host-side, so a graph can hold the whole of it."""
+    f = batch.flags
     raw = logits.float()
     processed = apply_penalties(
         raw, batch.prompt_mask, batch.output_counts,
         batch.repetition_penalty, batch.frequency_penalty, batch.presence_penalty,
     )
     greedy = processed.argmax(dim=-1)  # (B,)
-    if batch.all_greedy:
+    if f.all_greedy:
         tokens = greedy
     else:
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
         scaled = processed / temperature
-        if batch.use_top_k or batch.use_top_p:
-            scaled = top_k_top_p_filter(
-                scaled, batch.top_k if batch.use_top_k else None, batch.top_p if batch.use_top_p else None
-            )
-        if batch.use_min_p:
+        if f.use_top_k or f.use_top_p:
+            top_k, top_p = batch.top_k if f.use_top_k else None, batch.top_p if f.use_top_p else None
+            scaled = top_k_top_p_filter(scaled, top_k, top_p)
+        if f.use_min_p:
             scaled = min_p_filter(scaled, batch.min_p)
-        probs = scaled.softmax(dim=-1)  # (B, V); filtered tokens have probability 0
-        noise = exponential_noise(tuple(probs.shape), batch.generators, probs.device)
-        # NOTE: E = 0 has probability ~2^-24 but would give p / 0 = inf (or nan for p = 0); clamp it.
-        sampled = (probs / noise.clamp_min(1e-10)).argmax(dim=-1)
-        tokens = torch.where(batch.temperature == 0, greedy, sampled) if batch.any_greedy else sampled
+        if batch.generators is not None:
+            # NOTE: E = 0 has probability ~2^-24 but would give log 0 = -inf; clamp it.
+            log_e = exponential_noise(tuple(scaled.shape), batch.generators, scaled.device).clamp_min(1e-10).log()
+        else:
+            log_e = counter_log_exponential(batch.seeds, batch.counters, scaled.shape[-1])
+        # the exponential race in log space: argmax_v p_v / E_v = argmax_v (scaled_v - log E_v); filtered
+        # tokens are -inf (the softmax's normaliser is the same for every v, so it drops out)
+        sampled = (scaled - log_e).argmax(dim=-1)
+        tokens = torch.where(batch.temperature == 0, greedy, sampled)
     batch.observe(tokens)
-    if not batch.want_logprobs:
+    if not f.want_logprobs:
         return SampleOutput(tokens, None, None, None)
     logp = raw.log_softmax(dim=-1)  # (B, V)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-    if batch.top_logprobs == 0:
+    if f.top_logprobs == 0:
         return SampleOutput(tokens, chosen, None, None)
-    top_values, top_ids = logp.topk(batch.top_logprobs, dim=-1)  # (B, n)
+    top_values, top_ids = logp.topk(f.top_logprobs, dim=-1)  # (B, n)
     return SampleOutput(tokens, chosen, top_values, top_ids)
 
 
 __all__ = [
-    "SampleOutput", "SamplingBatch", "SamplingParams", "SamplingParamsError", "apply_penalties",
-    "exponential_noise", "min_p_filter", "sample", "top_k_top_p_filter",
+    "SampleOutput", "SamplingBatch", "SamplingFlags", "SamplingParams", "SamplingParamsError", "apply_penalties",
+    "exponential_noise", "min_p_filter", "random_seed", "sample", "token_index", "top_k_top_p_filter",
 ]

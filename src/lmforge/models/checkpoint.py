@@ -118,16 +118,36 @@ def check_model_folder(path: str | Path) -> Path:
                           "params.json (Meta's)")
 
 
-def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, progress: bool = False) -> Transformer:
-    """Load our folder, a Hugging Face folder (Llama / Mistral / Mixtral) or a Meta / Mistral `.pth` folder."""
+def require_head(config: ModelConfig, head: str | None, source: str) -> None:
+    """CheckpointError unless the model of `source` has the head `head` ("lm", "reward"; None: either)."""
+    if head is None or config.head == head:
+        return
+    if head == "reward":
+        raise CheckpointError(f"{source} is a language model (a next-token head), not a reward model: train a reward "
+                              f"model from it with `lmforge rm train {source}`")
+    raise CheckpointError(f"{source} is a reward model (one score per sequence), not a language model: it cannot "
+                          "generate or be fine-tuned as one; score with it (`lmforge rm score`) instead")
+
+
+def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, progress: bool = False,
+               head: str | None = "lm") -> Transformer:
+    """Load our folder, a Hugging Face folder (Llama / Mistral / Mixtral) or a Meta / Mistral `.pth` folder.
+
+    head: the kind of model the caller needs: "lm" (the default: every verb that generates or trains next-token
+    prediction), "reward" (a reward model: ours, or a Hugging Face *ForSequenceClassification folder), or None
+    (either, e.g. `convert`). A folder of the other kind is one CheckpointError saying what it is.
+    """
     path = check_model_folder(path)
     if (path / "params.json").exists() and not (path / "config.json").exists():
         config, state = convert.read_meta_folder(path)
+        require_head(config, head, str(path))
         return model_from_state_dict(config, state, str(path), device, dtype)
     raw = read_config_json(path)
     if "format" in raw:  # ours; from_dict rejects a format version it does not know
         config = ModelConfig.from_dict(raw)
+        require_head(config, head, str(path))
         state = load_safetensors_folder(path, progress)
     else:
         config, state = convert.read_hf_folder(path, progress)
+        require_head(config, head, str(path))
     return model_from_state_dict(config, state, str(path), device, dtype)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 FORMAT = "lmforge/1"
+Head = Literal["lm", "reward"]
+HEADS = ("lm", "reward")
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,9 @@ class ModelConfig:
         sliding_window: Window W (position i attends to keys j with i - W < j <= i); None for full attention.
         moe: Sparse mixture of experts replacing every feed-forward; None for a dense model.
         head_dim: Per-head width D; None means dim // n_heads.
+        head: What the final hidden states are projected to: "lm", next-token logits (the `output` matrix,
+            (V, d)); "reward", one scalar per position (the `reward_head` matrix, (1, d)): the regression head
+            of Llama 2's reward models, whose score of a sequence is read at its last token.
     """
 
     dim: int = 4096
@@ -83,6 +88,7 @@ class ModelConfig:
     sliding_window: int | None = None  # W: position i attends to keys j with i - W < j <= i
     moe: MoEConfig | None = None
     head_dim: int | None = None  # None: dim // n_heads
+    head: Head = "lm"  # "reward": a reward model (one scalar per position instead of V logits)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -108,6 +114,8 @@ class ModelConfig:
             raise ConfigError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError("norm_eps and rope_theta must be > 0")
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
     @property
     def n_rep(self) -> int:
@@ -173,4 +181,4 @@ PRESETS: dict[str, ModelConfig] = {
 # Kept for readers who look for a list: the presets that describe released models.
 REAL_PRESETS = tuple(name for name in PRESETS if not name.startswith("tiny"))
 
-__all__ = ["ConfigError", "FORMAT", "ModelConfig", "MoEConfig", "PRESETS", "REAL_PRESETS"]
+__all__ = ["ConfigError", "FORMAT", "HEADS", "Head", "ModelConfig", "MoEConfig", "PRESETS", "REAL_PRESETS"]

@@ -39,7 +39,6 @@ from lmforge.models.files import (
 COMMON_MAP = [
     ("tok_embeddings.weight", "model.embed_tokens.weight", None),
     ("norm.weight", "model.norm.weight", None),
-    ("output.weight", "lm_head.weight", None),
     ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight", "q"),
     ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight", "k"),
     ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight", None),
@@ -58,7 +57,17 @@ MOE_FFN_MAP = [
     ("layers.{i}.feed_forward.w2", "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", None),
     ("layers.{i}.feed_forward.w3", "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", None),
 ]
-SUPPORTED_HF = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+# The head, by ModelConfig.head: a language model's vocabulary projection, or a reward model's regression head
+# (transformers' *ForSequenceClassification with num_labels 1 calls it `score`).
+HEAD_MAP = {"lm": [("output.weight", "lm_head.weight", None)],
+            "reward": [("reward_head.weight", "score.weight", None)]}
+FAMILIES = ("Llama", "Mistral", "Mixtral")
+ARCH_SUFFIX = {"lm": "ForCausalLM", "reward": "ForSequenceClassification"}
+SUPPORTED_HF = tuple(f + suffix for suffix in ARCH_SUFFIX.values() for f in FAMILIES)
+# NOTE: transformers' sequence classifiers read the score at the rightmost token that is not `pad_token_id`
+# (so left and right padding both work). Our sequences end with </s> (id 2), where our reward is read, so the
+# pad id must not be </s>: a reward model's export pads with <unk> (id 0), which never ends a sequence.
+REWARD_PAD_ID = 0
 # HF buffers that are recomputed, never weights.
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -66,7 +75,7 @@ _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 def _name_pairs(config: ModelConfig) -> list[tuple[str, str | list[str], str | None]]:
     """Every (our name, [HF names], permutation) of a model. One HF name maps one tensor; a list of E names
     (the experts of one MoE layer) stacks into one of ours along dim 0."""
-    table = COMMON_MAP + (MOE_FFN_MAP if config.moe else DENSE_FFN_MAP)
+    table = COMMON_MAP + HEAD_MAP[config.head] + (MOE_FFN_MAP if config.moe else DENSE_FFN_MAP)
     pairs = []
     for ours, theirs, perm in table:
         layers = range(config.n_layers) if "{i}" in ours else [None]
@@ -147,17 +156,24 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig, s
 
 
 def hf_config_to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Our ModelConfig from a Hugging Face Llama / Mistral / Mixtral `config.json` dict."""
+    """Our ModelConfig from a Hugging Face Llama / Mistral / Mixtral `config.json` dict (*ForCausalLM, or a
+    reward model: *ForSequenceClassification with one label)."""
     arch = (hf.get("architectures") or [None])[0]
     if arch not in SUPPORTED_HF:
         raise ConfigError(f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_HF)}")
+    head = "reward" if arch.endswith(ARCH_SUFFIX["reward"]) else "lm"
+    family = arch.removesuffix(ARCH_SUFFIX[head])
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+    if head == "reward" and labels != 1:
+        raise ConfigError(f"{source}: a {arch} with {labels} labels is a classifier; a reward model has one "
+                          "(num_labels 1)")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if rope_type not in ("default", None):
         raise ConfigError(f"{source}: rope scaling {rope_type!r} is not supported (only plain rotary)")
     moe = None
-    if arch == "MixtralForCausalLM":
+    if family == "Mixtral":
         moe = MoEConfig(
             num_experts=hf["num_local_experts"],
             top_k=hf["num_experts_per_tok"],
@@ -175,21 +191,25 @@ def hf_config_to_model_config(hf: dict, source: str = "config.json") -> ModelCon
         max_seq_len=hf.get("max_position_embeddings", 4096),
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        sliding_window=hf.get("sliding_window") if arch != "LlamaForCausalLM" else None,
+        sliding_window=hf.get("sliding_window") if family != "Llama" else None,
         moe=moe,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        head=head,
     )
 
 
 def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_id: int = 1,
                               eos_id: int = 2) -> dict:
     """A `config.json` that transformers 5 and vLLM both read. Architecture: Mixtral if MoE, Mistral if a
-    sliding window (it is always written, null when absent), else Llama. `rope_theta` stays top-level for vLLM."""
-    arch = "MixtralForCausalLM" if config.moe else "MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"
+    sliding window (it is always written, null when absent), else Llama; *ForCausalLM, or for a reward model
+    *ForSequenceClassification with one label and pad_token_id REWARD_PAD_ID. `rope_theta` stays top-level for
+    vLLM."""
+    family = "Mixtral" if config.moe else "Mistral" if config.sliding_window else "Llama"
+    arch = family + ARCH_SUFFIX[config.head]
     dtype_name = str(dtype).removeprefix("torch.")
     hf = {
         "architectures": [arch],
-        "model_type": arch.removesuffix("ForCausalLM").lower(),
+        "model_type": family.lower(),
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_dim,
         "num_hidden_layers": config.n_layers,
@@ -212,7 +232,9 @@ def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype = torch.fl
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
-    if arch == "LlamaForCausalLM":
+    if config.head == "reward":
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=REWARD_PAD_ID)
+    if family == "Llama":
         hf["mlp_bias"] = False
     else:
         hf["sliding_window"] = config.sliding_window
@@ -250,8 +272,9 @@ def write_hf_files(model, folder: Path, dtype: torch.dtype | None = None, *, bos
     hf_state = to_hf_state_dict(state, model.config)
     config = model_config_to_hf_config(model.config, dtype, bos_id, eos_id)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(hf_generation_config(bos_id, eos_id, pad_id),
-                                                              indent=2) + "\n")
+    if model.config.head == "lm":  # a reward model generates nothing
+        (folder / "generation_config.json").write_text(json.dumps(hf_generation_config(bos_id, eos_id, pad_id),
+                                                                  indent=2) + "\n")
     write_safetensors_folder(hf_state, folder, max_shard_bytes)
 
 

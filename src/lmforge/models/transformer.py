@@ -79,6 +79,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.backend: Backend = "auto"
+        # wq | wk | wv stacked, with the three weights views into it (lmforge.infer.fuse); not saved
+        self.register_buffer("wqkv", None, persistent=False)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, document_ids: Tensor | None
@@ -86,9 +88,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # NOTE: head counts are read off the shapes (-1), not the config: under tensor parallelism each rank
         # holds H / tp query and Hkv / tp key/value heads (lmforge.parallel.apply_tensor_parallel).
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.wqkv is not None and not torch.is_grad_enabled():  # one product instead of three (no autograd)
+            q, k, v = F.linear(x, self.wqkv).split([w.weight.shape[0] for w in (self.wq, self.wk, self.wv)], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, window=self.window, document_ids=document_ids, backend=self.backend)
@@ -106,8 +112,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.register_buffer("w13", None, persistent=False)  # w1 | w3 stacked, as Attention.wqkv
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up), None
         return self.w2(F.silu(self.w1(x)) * self.w3(x)), None
 
 
@@ -135,7 +145,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids in, logits (or final hidden states) out.
 
-    forward(tokens (B, T), positions=None, cache=None) -> logits (B, T, V)
+    forward(tokens (B, T), positions=None, cache=None) -> logits (B, T, V), or for a reward model
+    (config.head "reward") rewards (B, T, 1): one scalar per position, the sequence's score being the one at
+    its last token.
 
     - positions: (T,) or (B, T) integer positions for rotary embeddings (default 0..T-1). Caches and packed
       batches pass them explicitly.
@@ -144,7 +156,7 @@ class Transformer(nn.Module):
     - return_hidden: return the normalised final hidden states (B, T, d) instead of logits, e.g. for a
       chunked cross-entropy or a reward head.
     - logits_index: (B, K) positions along T whose logits are wanted (e.g. each prompt's last token);
-      only those go through the vocabulary projection -> (B, K, V).
+      only those go through the head -> (B, K, V) (a reward model: (B, K, 1)).
     - return_aux: also return the `RouterLosses` averaged over the MoE layers (zeros for a dense model).
     """
 
@@ -154,9 +166,20 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if self.output.weight.device.type != "meta":
+        # The head, chosen here once: next-token logits, or the regression head of a reward model (Llama 2
+        # replaces the next-token head of a chat model by one scalar output). NOTE: its own name, so that a
+        # reward model's weights can never be read as a language model's (or the reverse) by mistake.
+        if config.head == "reward":
+            self.reward_head = nn.Linear(config.dim, 1, bias=False)  # (B, T, d) -> (B, T, 1)
+        else:
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # (B, T, d) -> (B, T, V)
+        if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final projection the model was built with: `output` (V logits) or `reward_head` (one scalar)."""
+        return self.reward_head if self.config.head == "reward" else self.output
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -166,6 +189,8 @@ class Transformer(nn.Module):
         - projections that write into the residual stream (wo, w2): normal(0, std / sqrt(2 * n_layers)),
           so that the residual's variance does not grow with depth (GPT-2's scaled initialisation);
         - the output projection: normal(0, d^-0.5), so initial logits have unit scale;
+        - a reward head: normal(0, std / sqrt(d)), so initial rewards are small (about std times the hidden
+          states' scale): the ranking loss starts near log 2 and the first steps do not push the trunk hard;
         - RMSNorm weights: ones.
         """
         residual_std = std / math.sqrt(2 * self.config.n_layers)
@@ -174,6 +199,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             elif name == "output.weight":
                 nn.init.normal_(p, std=self.config.dim**-0.5)
+            elif name == "reward_head.weight":
+                nn.init.normal_(p, std=std * self.config.dim**-0.5)
             elif name.endswith(("wo.weight", "w2.weight", "feed_forward.w2")):
                 nn.init.normal_(p, std=residual_std)
             else:
@@ -203,7 +230,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if logits_index is not None:
             h = torch.gather(h, 1, logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, K, d)
-        out = h if return_hidden else self.output(h)
+        out = h if return_hidden else self.head(h)
         if not return_aux:
             return out
         return out, _mean_router_losses(routers, h)

@@ -14,13 +14,14 @@ bottom; there is no trainer base class, no hooks and no callbacks. Around the lo
         grad_norm = clip_gradients(params, optim.grad_clip)
         check_finite(run, step, loss, grad_norm)                 stops before the update
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
+                                                                 (these three lines: apply_update)
         run.log_step(step, {"loss": loss, ...})
         if checkpoint_or_stop(run, step, total, state):          saves when due; True: SIGTERM / Ctrl-C / stop_at
             return run.dir
     finish_run(run, state)                                       summary (printed, summary.json), plot (loss.png)
     export_model(run, net, tokenizer)                            full weights gathered, rank 0 writes dir/model
 
-A run folder (`RunConfig.dir`, default runs/<verb>) holds:
+A run folder (`RunConfig.dir`, default runs/<verb>, e.g. runs/sft, runs/rm-train) holds:
 
     config.yaml        the resolved configuration, headed by the command that reruns it (`lmforge VERB --config`)
     env.json           library versions, git revision (and whether the tree was dirty), device, command line
@@ -199,8 +200,15 @@ class Run:
         self.bar.set_postfix({k: _short(record[k]) for k in show if k in record}, refresh=False)
         self.bar.update(1)
 
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop profiling, the progress bar, the signal handlers and the metric sinks (once)."""
+        """Stop profiling, the progress bar, the signal handlers and the metric sinks (once; also on leaving a
+        `with run:` block, however the loop inside it ends)."""
         if self.closed:
             return
         self.closed = True
@@ -225,7 +233,7 @@ def open_run(verb: str, cfg: RunConfig, config: dict[str, Any], place: Placement
 
     config: the resolved configuration (dataclasses and plain values); config.yaml reruns the run from it.
     """
-    run_dir = Path(cfg.dir or f"runs/{verb}")
+    run_dir = Path(cfg.dir or f"runs/{verb.replace(' ', '-')}")  # "rm train" -> runs/rm-train
     resume_from = _claim_run_dir(run_dir, cfg, place)
     if resume_from is not None:
         saved = load_checkpoint(resume_from, state.modules, state.optimizers)
@@ -300,6 +308,19 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     return clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf).item()
 
 
+def apply_update(run: Run, step: int, loss: float, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler: Any, grad_clip: float) -> tuple[float, float]:
+    """The update of step `step` once its gradients are in: clip, `check_finite`, AdamW, schedule, zero the
+    gradients. Returns (the gradient norm before clipping, the learning rate this update used)."""
+    grad_norm = clip_gradients(params, grad_clip)
+    check_finite(run, step, loss, grad_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate of this update (optim.build_scheduler)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def check_finite(run: Run, step: int, loss: float, grad_norm: float) -> None:
     """Safety net: a non-finite loss or gradient norm stops the run before the update is applied, so the
     parameters and the newest checkpoint stay as the last good step left them."""
@@ -332,6 +353,16 @@ def checkpoint_or_stop(run: Run, step: int, total: int, state: TrainState) -> bo
     if stopping:
         run.event(step, reason, f"saved {path}; continue with --run.resume auto")
     return stopping
+
+
+def end_step(run: Run, step: int, total: int, state: TrainState, validate=None) -> bool:
+    """The end of step `step` of `total`: close the profiler's step, `validate(step)` when due (every
+    run.eval_every steps and at the end), then `checkpoint_or_stop`. True: stop now, the loop returns."""
+    run.profiler.after_step(step)
+    every = run.cfg.eval_every
+    if validate is not None and every and (step % every == 0 or step == total):
+        validate(step)
+    return checkpoint_or_stop(run, step, total, state)
 
 
 # ---- after the loop -----------------------------------------------------------------------------------------

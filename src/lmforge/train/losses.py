@@ -61,6 +61,31 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask:
     return total
 
 
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """hidden (c, d), weight (V, d), targets (c,) -> log softmax(hidden @ weight.T)[target], (c,) fp32."""
+    logits = F.linear(hidden, weight).float()  # (c, V), one chunk at a time
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 2048) -> Tensor:
+    """log p(target) of every position, (B, T) fp32: log softmax(hidden @ weight.T) at `targets` (B, T).
+
+    The per-token form of `chunked_cross_entropy` (sequence log-probabilities for DPO, per-token ones for
+    RL): the same chunks, each under activation checkpointing when gradients are needed, so at most one
+    (c, V) block of logits exists at a time and the logits are recomputed in the backward pass.
+    """
+    d = hidden.shape[-1]
+    h, t = hidden.reshape(-1, d), targets.reshape(-1)  # (N, d), (N,)
+    pieces = []
+    for start in range(0, h.shape[0], chunk):
+        hc, tc = h[start : start + chunk], t[start : start + chunk]
+        if torch.is_grad_enabled() and h.shape[0] > chunk:
+            pieces.append(checkpoint(_chunk_logprobs, hc, weight, tc, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(hc, weight, tc))
+    return torch.cat(pieces).view(targets.shape)
+
+
 def global_target_tokens(masks: list[Tensor], group: dist.ProcessGroup | None = None) -> Tensor:
     """Number of target tokens in the global batch: this rank's micro-batch masks, summed over the ranks of
     `group` (default: all; under tensor parallelism, the data-parallel ranks, which read different batches).

@@ -6,7 +6,7 @@ mode replays the same step (test_engine_gpu.py runs it on CUDA)."""
 import pytest
 import torch
 
-from engine_helpers import forced_logits, random_seq
+from engine_helpers import assert_same_outputs, forced_logits, mixed_workload, random_seq, serve
 from infer_helpers import assert_logits_close, full_logits, tiny_model
 from lmforge.infer.engine import LLMEngine
 from lmforge.infer.engine.decode_graphs import DecodeGraphs, batch_bucket, key_bucket
@@ -140,3 +140,52 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(monkeypatch):
     assert decode.mode == "eager" and decode.kernel is None and decode.steps > 10
     for seq, P, logits in zip(seqs, prompts, ours):
         assert_logits_close(logits, full_logits(model, seq)[P - 1 : -1])
+
+
+def _graph_sampling_runs(model, decode, num_blocks=24, **kw):
+    """The mixed workload (engine_helpers.py) through an engine whose decode steps take `decode`'s path, and
+    through a packed-path engine that samples the logits eagerly."""
+    reqs = mixed_workload()
+    eos = serve(_engine(model, decode_path="packed"), reqs)["r0"][0][3]
+    kw = {"num_blocks": num_blocks, "eos_id": eos, "watermark_blocks": 0, **kw}
+    static, packed = _engine(model, decode_path="eager", **kw), _engine(model, decode_path="packed", **kw)
+    if decode is not None:
+        static.runner.decode = decode(static)
+    ours, theirs = serve(static, reqs, abort=("r8", 4)), serve(packed, reqs, abort=("r8", 4))
+    assert static.runner.decode.steps > 20 and static.counters.preemptions > 0
+    return static, ours, theirs
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampling_inside_the_static_step_gives_the_packed_paths_tokens(overlap):
+    """Decode steps sample inside the static-shape step (a static sampling batch per bucket and flags, padding
+    rows greedy): tokens, finish reasons and log-probs of the whole workload equal the packed path's, which
+    samples its logits eagerly."""
+    static, ours, theirs = _graph_sampling_runs(tiny_model("tiny"), None, overlap=overlap)
+    assert static.runner.decode.batches  # the static batches were used
+    assert_same_outputs(ours, theirs)
+
+
+@pytest.mark.slow
+def test_the_whole_static_step_traces_as_one_dynamic_graph():
+    """decode_path="compile" compiles the step's forward (dynamic shapes, one compile for every bucket) and
+    `sample` with Inductor on the GPU. Here the same functions are traced whole (fullgraph, dynamic) by the
+    aot_eager backend: no graph break, one forward graph for every bucket, and the packed path's outputs."""
+    torch._dynamo.reset()
+    model = tiny_model("tiny-swa")
+    graphs = []
+
+    def counting(gm, example_inputs):  # aot_eager, counting the graphs it is given
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def compiled(engine):
+        runner = engine.runner
+        return DecodeGraphs(model, runner.pool, model.config.sliding_window, "eager", "fused", compile=counting)
+
+    static, ours, theirs = _graph_sampling_runs(model, compiled, num_blocks=18)
+    assert_same_outputs(ours, theirs)
+    decode = static.runner.decode
+    assert len({Bb for Bb, _ in decode.shapes}) > 1 and min(Bb for Bb, _ in decode.shapes) >= 2
+    forward = [g for g in graphs if "embedding" in g.code]  # the model's forward, not `sample`
+    assert len(forward) == 1 and 1 <= len(graphs) - 1 <= len({f for _, f in decode.batches})  # 1 per flags at most

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_helpers import forced_logits, random_seq
+from engine_helpers import forced_logits, random_seq, random_traffic
 from helpers import unit_scale_
 from infer_helpers import assert_logits_close, cached_logits, full_logits, tiny_model
 from lmforge import ModelConfig, Transformer
@@ -315,21 +315,7 @@ def test_random_traffic_with_aborts_keeps_every_invariant(ops, preset, num_block
     """Arrivals, steps and aborts in any order on a small pool (preemptions happen): the block manager's
     invariants hold after every step (check_invariants=True), and at the end every block is free."""
     engine = _engine(tiny_model(preset), num_blocks=num_blocks, max_num_batched_tokens=8, max_num_seqs=4)
-    ids = []
-    for op, k in ops:
-        if op == "add":
-            try:
-                ids.append(engine.add_request(random_seq(k, k), SamplingParams(max_new_tokens=k % 7 + 1)))
-            except RequestRefused:
-                pass
-        elif op == "step":
-            engine.step()
-            engine.block_manager.check_invariants(engine.scheduler.running)
-        elif ids:
-            engine.abort(ids[k % len(ids)])
-    while engine.has_unfinished():
-        engine.step()
-    engine.block_manager.check_invariants([])
+    ids = random_traffic(engine, ops)
     assert engine.counters.kv_blocks_used == 0
     c = engine.counters
     assert c.finished + c.aborted == len(ids)

@@ -26,6 +26,15 @@ NOTE: only blocks whose K/V are computed are registered, so a sequence never rea
 sequence is still filling in the same step; and lookups stop before the prompt's last token, so every request
 computes at least one token (the logits it samples from) and never writes into a shared block.
 
+Forks and copy-on-write (K samples of one prompt, sequence.py). `fork(src, dst)` gives dst src's whole table,
+every block one reference more; blocks are then shared in full, the prompt's last, partly filled block
+included. The first sequence to write into a block that others still hold takes a fresh block and the shared
+one is copied into it before the step runs (`copies`, done by the runner); the last holder writes in place.
+Worked example, bs = 4, prompt of 6 tokens in blocks [7, 2] (block 2 holds positions 4, 5), forked to r0, r1,
+r2: ref[7] = ref[2] = 3. The next step writes position 6 for all three: r0 takes block 5 (copy 2 -> 5,
+ref[2] = 2), r1 takes block 8 (copy 2 -> 8, ref[2] = 1), r2 writes into block 2 itself. Tables [7, 5],
+[7, 8], [7, 2]; block 7 stays shared (ref 3) and is never written again.
+
 Sliding window. Position p attends to keys j > p - W, so when the next position to compute is c, block i is
 needed no more once (i + 1) * bs <= c - W + 1. It is freed and its table entry becomes -1. Worked example,
 W = 8, bs = 4, c = 13: keys from position 6 on are needed; block 0 (positions 0..3) is freed, block 1
@@ -54,6 +63,7 @@ class BlockManager:
         self.cached: dict[BlockKey, int] = {}  # prefix cache: chain key -> block holding those K/V
         self.block_key: list[BlockKey | None] = [None] * num_blocks
         self.prefix_hits = 0  # blocks reused from the prefix cache (a counter for metrics)
+        self.copies: list[tuple[int, int]] = []  # (src, dst) block copies owed before the next step runs
 
     # --- queries -------------------------------------------------------------------------------------------
     @property
@@ -119,12 +129,36 @@ class BlockManager:
         return True
 
     def append(self, seq: Sequence, n: int) -> bool:
-        """Grow a running sequence's table to hold n more tokens; False (and no change) if blocks are short."""
-        need = self.blocks_to_add(seq, n)
+        """Grow a running sequence's table to hold n more tokens; False (and no change) if blocks are short.
+        The first new position may land in a block other sequences share (a fork): that block is copied."""
+        c, bs = seq.num_computed_tokens, self.block_size
+        shared = c % bs != 0 and self.ref[seq.block_table[c // bs]] > 1
+        need = self.blocks_to_add(seq, n) + shared
         if need > len(self.free):
             return False
-        seq.block_table.extend(self._take() for _ in range(need))
+        if shared:
+            # NOTE: should seq be preempted later in this schedule, the copy still runs, into a block that is
+            # free or newly handed out; either way nothing reads it before it is written again.
+            old, new = seq.block_table[c // bs], self._take()
+            self._release(old)
+            seq.block_table[c // bs] = new
+            self.copies.append((old, new))
+        seq.block_table.extend(self._take() for _ in range(self.blocks_to_add(seq, n)))
         return True
+
+    def fork(self, src: Sequence, dst: Sequence) -> None:
+        """Give dst (no blocks yet) src's blocks, each one reference more, and src's computed tokens."""
+        assert not dst.block_table and dst.num_computed_tokens == 0
+        for b in src.block_table:
+            if b >= 0:
+                self.ref[b] += 1
+        dst.block_table, dst.block_hashes = list(src.block_table), list(src.block_hashes)
+        dst.num_computed_tokens = src.num_computed_tokens
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies owed since the last call; the runner copies them before the step."""
+        copies, self.copies = self.copies, []
+        return copies
 
     def free_seq(self, seq: Sequence) -> None:
         """Release every block of a finished, aborted or preempted sequence (shared blocks lose one ref)."""

@@ -2,6 +2,7 @@
 
     engine = LLMEngine(model, num_blocks=..., block_size=16)
     rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64))   # or RequestRefused
+    rids = engine.add_samples(prompt_ids, SamplingParams(seed=7), n=4)        # 4 samples, one pre-fill
     while engine.has_unfinished():
         for out in engine.step(): ...                                         # RequestOutput per request
     async for out in engine.stream(prompt_ids, params): ...                   # or one async stream each
@@ -11,30 +12,54 @@ One `step()`: schedule (which sequences compute how many tokens), run the model 
 sample one token for every sequence whose chunk reached its end, then book-keep (advance computed tokens,
 append tokens, finish, free blocks). The engine works on token ids; detokenization and stop strings belong to
 the server above it.
+
+K samples of one prompt (`add_samples(prompt_ids, sampling, n=K)`, or `generate(prompts, sampling, n=K)`):
+rejection sampling, PPO / GRPO rollouts and the server's `n` ask for several completions of each prompt. The
+prompt is pre-filled once, by a prompt sequence that then forks into K requests sharing its KV blocks (the
+last, partly filled one is copied when a fork first writes into it: sequence.py, block_manager.py). Each of
+the K is an ordinary request from then on (its own id `{request_id}.{i}`, abort, preemption, outputs).
+Seeds: choice i of a request with `seed` s samples with seed (s + i) mod 2**63 (vLLM's rule), so the K
+outputs are exactly those of K separate requests with seeds s, s + 1, ..., s + K - 1 -- computed with one
+pre-fill instead of K (`counters.computed_tokens` shows it). Without a seed the K draw independently.
+
+Overlap (`overlap=True`, the default on CUDA). Reading a step's sampled ids waits for the GPU, and the host
+work that follows (book-keeping, scheduling, building the next step's inputs) would leave the GPU idle. So
+`step()` queues step n + 1 before it reads step n's ids. Step n is committed as soon as it is queued
+(`_commit`): computed tokens advance, every sampling sequence gets a `PENDING` output, and those that reach
+max_new_tokens or the context finish now; the scheduler then plans step n + 1 as if the ids were known, and
+the runner feeds the pending ids to it on the device (`TokenFeed`). Only then does the host wait, for step
+n's ids alone (`_resolve`): it puts them in place of the placeholders and finishes the sequences that sampled
+a stop token, whose token of step n + 1 was computed for nothing and is dropped. `step()` therefore returns
+the previous step's outputs, and one more `step()` retires the last step in flight (`has_unfinished`). The
+outputs equal those without overlap, since a sequence's tokens depend only on its own logits and seed
+(tests/infer/engine/test_engine_overlap.py); only `counters.computed_tokens` counts the dropped tokens too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping, Sequence as Seq
+from typing import AsyncIterator, Callable, Mapping, Sequence as Seq
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function
 
+from lmforge.infer import fuse
 from lmforge.infer.cache import cache_config
 from lmforge.infer.engine.block_manager import BlockManager
 from lmforge.infer.engine.decode_graphs import DecodeAttention
 from lmforge.infer.engine.paged_attention import PagedImpl, PagedKVPool
-from lmforge.infer.engine.runner import DecodePath, ModelRunner
+from lmforge.infer.engine.runner import DecodePath, ModelRunner, TokenFeed
 from lmforge.infer.engine.scheduler import RequestRefused, Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.infer.engine.scoring import TokenScores, score_sequences
-from lmforge.infer.engine.sequence import FinishReason, Sequence
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.engine.sequence import PENDING, FinishReason, Sequence
+from lmforge.infer.sampling import SampleOutput, SamplingParams
+from lmforge.infer.transfer import to_host_later
 from lmforge.models.transformer import Transformer
 
 
@@ -71,6 +96,19 @@ class EngineCounters:
         return self.kv_blocks_used / max(1, self.kv_blocks_total)
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device and committed (`LLMEngine._commit`) whose sampled ids are not read yet.
+    Row k: sequence sampled[k], whose output index[k] is `PENDING` until `_resolve`; ends[k]: that output is
+    its last (max_new_tokens or the context)."""
+
+    sampled: list[Sequence]
+    index: list[int]
+    ends: list[bool]
+    result: SampleOutput | None = None  # the device tensors (the next step feeds on result.tokens)
+    fetch: Callable[[], list] | None = None  # waits for the ids on the host (transfer.to_host_later)
+
+
 class LLMEngine:
     """Continuous-batching engine for one `Transformer` (any device / dtype; put it in eval mode).
 
@@ -84,12 +122,19 @@ class LLMEngine:
         attention: the packed steps' attention: "varlen" (one flash call per layer), "padded" (batched SDPA per
             group) or "reference" (dense, explicit softmax); default: "varlen" on CUDA in bf16 / fp16, else
             "padded" (paged_attention.py).
-        decode_path: decode-only steps "packed" like the others, or at static shapes ("eager", "cuda_graph":
+        decode_path: decode-only steps "packed" like the others, or at static shapes sampling inside the step
+            ("eager", "cuda_graph", or "compile": forward and sampling compiled by Inductor, then captured;
             decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
-        decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA) or
-            "fused" (compiled kernels that read the keys in place; decode_graphs.py); default: "fused" on CUDA,
-            else "sdpa".
+        decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA), "fused"
+            (compiled kernels that read the keys in place; decode_graphs.py) or "triton" (our paged kernel,
+            triton_decode.py); default: "fused" on CUDA, else "sdpa".
         check_invariants: assert the block manager's invariants after every schedule (tests).
+        overlap: queue each step before reading the previous step's sampled ids, so that the host's work
+            (book-keeping, scheduling, preparing the inputs) runs while the GPU computes (module docstring);
+            default: on CUDA.
+        fuse_projections: fuse each layer's wq, wk, wv and w1, w3 into one product each, in place
+            (lmforge.infer.fuse: names, state dict and `load_weights` unchanged, no second copy); default: on
+            CUDA (not under tensor parallelism).
     """
 
     def __init__(
@@ -108,9 +153,14 @@ class LLMEngine:
         decode_path: DecodePath | None = None,
         decode_attention: DecodeAttention | None = None,
         check_invariants: bool = False,
+        overlap: bool | None = None,
+        fuse_projections: bool | None = None,
     ):
         self.model, self.config, self.eos_id = model, model.config, eos_id
         param = next(model.parameters())
+        if (param.device.type == "cuda") if fuse_projections is None else fuse_projections:
+            if fuse.fuse_projections(model) and param.device.type == "cuda":
+                torch.cuda.empty_cache()  # the unfused weights' memory goes back before the pool is sized
         if num_blocks is None:
             per_block = PagedKVPool.bytes_per_block(cache_config(model), block_size, param.dtype)
             if param.device.type == "cuda":
@@ -128,6 +178,9 @@ class LLMEngine:
         self._counters = EngineCounters(kv_blocks_total=num_blocks)
         self._queues: dict[str, deque[RequestOutput]] = {}  # outputs awaiting each stream's consumer
         self._step_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self.overlap = param.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _Launched | None = None  # with overlap: the step queued by the last step() call
+        self._ready: list[RequestOutput] = []  # outputs resolved early (`_drain`), returned by the next step()
 
     # --- requests ------------------------------------------------------------------------------------------
     def add_request(
@@ -135,6 +188,38 @@ class LLMEngine:
     ) -> str:
         """Queue a request; returns its id. ValueError for a bad request, `RequestRefused` when over capacity."""
         sampling = sampling or SamplingParams()
+        ids = self._check_request(prompt_ids, sampling, [request_id])
+        seq = Sequence(ids, sampling, request_id or "", arrival_time=time.monotonic())
+        self._queue(seq)
+        self.seqs[seq.request_id] = seq
+        return seq.request_id
+
+    def add_samples(
+        self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, n: int = 1, request_id: str | None = None
+    ) -> list[str]:
+        """Queue n requests for one prompt, pre-filled once (module docstring); returns their ids
+        `{request_id}.0` .. `{request_id}.{n - 1}` (request_id default: a fresh `req-N`). Choice i of a seeded
+        request uses seed + i. Errors as `add_request`, and ValueError when n > max_num_seqs."""
+        sampling = sampling or SamplingParams()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n = {n} samples run together, more than this engine's max_num_seqs "
+                             f"({self.scheduler.config.max_num_seqs})")
+        now = time.monotonic()
+        prompt = Sequence(list(prompt_ids), sampling, request_id or "", arrival_time=now)
+        names = [f"{prompt.request_id}.{i}" for i in range(n)]
+        ids = self._check_request(prompt_ids, sampling, names)
+        for i, name in enumerate(names):
+            seed = None if sampling.seed is None else (sampling.seed + i) % 2**63
+            fork = Sequence(ids, dataclasses.replace(sampling, seed=seed), name, arrival_time=now, parent=prompt)
+            prompt.forks.append(fork)
+        self._queue(prompt)
+        self.seqs.update((s.request_id, s) for s in prompt.forks)
+        return names
+
+    def _check_request(self, prompt_ids: Seq[int], sampling: SamplingParams, request_ids: list) -> list[int]:
+        """The prompt as a list, or ValueError naming what is wrong with the request."""
         ids = list(prompt_ids)
         V = self.config.vocab_size
         if not ids:
@@ -148,17 +233,18 @@ class LLMEngine:
             )
         if sampling.stop:
             raise ValueError("stop strings need detokenization, which the server does: use stop_token_ids here")
-        if request_id is not None and request_id in self.seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, sampling, request_id or "", arrival_time=time.monotonic())
+        used = [i for i in request_ids if i is not None and i in self.seqs]
+        if used:
+            raise ValueError(f"request id {used[0]!r} is already in use")
+        return ids
+
+    def _queue(self, seq: Sequence) -> None:
         try:
             self.scheduler.add(seq)
         except RequestRefused as refusal:
             key = refusal.reason.value
             self._counters.refused[key] = self._counters.refused.get(key, 0) + 1
             raise
-        self.seqs[seq.request_id] = seq
-        return seq.request_id
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now, waiting or running; its blocks are freed at once. False if unknown / done."""
@@ -166,74 +252,111 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.finish(seq, FinishReason.ABORT)
+        while seq.output_ids and seq.output_ids[-1] == PENDING:  # the step in flight's token is dropped
+            seq.output_ids.pop()
         self._counters.aborted += 1
         if request_id in self._queues:
             self._queues[request_id].append(RequestOutput(request_id, [], len(seq.output_ids), True, "abort"))
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs)
+        """Requests not finished, or (overlap) a step still in flight: call `step()` again."""
+        return bool(self.seqs) or self._inflight is not None
 
     # --- the step loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, book-keep; the outputs of every request that got a token."""
-        out, sampled, logits = self._forward()
-        if not out.chunks:
-            return []
-        if sampled:
-            with record_function("engine.sample"):
-                result = self.runner.sample(sampled, logits)
-            with record_function("engine.wait"):
-                tokens = result.tokens.tolist()  # the one host sync per step
-            logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-            top = (result.top_ids.tolist(), result.top_logprobs.tolist()) if result.top_ids is not None else None
-        else:
-            tokens, logprobs, top = [], None, None
-        with record_function("engine.advance"):
-            return self._advance(out, sampled, tokens, logprobs, top)
+        """Schedule, run the model once, sample, book-keep; the outputs of every request that got a token.
+
+        With `overlap`, the outputs are those of the previous call's step: this call queues its own step on
+        the device before it waits for the previous one's ids (module docstring)."""
+        with record_function("engine.schedule"):
+            out = self.scheduler.schedule()
+        launched = None
+        if out.chunks:
+            sampled, result, fetch = [s for c in out.chunks for s in c.sampling_seqs], None, None
+            with record_function("engine.forward"):
+                if sampled:  # (a decode-only step samples inside its graph)
+                    result = self.runner.run(out.chunks, out.copies, self._feed(), sampled)
+                    fetch = to_host_later([result.tokens, result.logprobs, result.top_ids, result.top_logprobs])
+                else:
+                    self.runner.forward(out.chunks, out.copies, self._feed())
+            with record_function("engine.advance"):
+                launched = self._commit(out, sampled, result, fetch)
+        if not self.overlap:
+            return self._resolve(launched) if launched is not None else []
+        previous, self._inflight = self._inflight, launched
+        outputs, self._ready = self._ready, []
+        return outputs + (self._resolve(previous) if previous is not None else [])
 
     def _forward(self) -> tuple[SchedulerOutput, list[Sequence], Tensor | None]:
-        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V)).
-        (The record_function ranges name the phases of a step in a profile: benchmarks/serving.py --profile.)"""
+        """Schedule and run the model: (schedule, sequences that sample, their logits (K, V)); for tests that
+        choose the tokens themselves (`_advance`). (The record_function ranges name the phases of a step in a
+        profile: benchmarks/serving.py --profile.)"""
         with record_function("engine.schedule"):
             out = self.scheduler.schedule()
         if not out.chunks:
             return out, [], None
         with record_function("engine.forward"):
-            logits = self.runner.forward(out.chunks)
-        return out, [c.seq for c in out.chunks if c.samples], logits
+            logits = self.runner.forward(out.chunks, out.copies, self._feed())
+        return out, [s for c in out.chunks for s in c.sampling_seqs], logits
 
-    def _advance(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int], logprobs=None, top=None):
-        """Book-keep a computed step with the chosen `tokens` (K,) of the sampling sequences.
+    def _feed(self) -> TokenFeed | None:
+        """The in-flight step's sampled ids, for the tokens of this step that are still `PENDING`."""
+        f = self._inflight
+        if f is None or f.result is None:
+            return None
+        return TokenFeed(f.result.tokens, {id(seq): k for k, seq in enumerate(f.sampled)})
 
-        NOTE: split from `step()` so that tests can teacher-force tokens through the real engine.
-        """
+    def _commit(self, out: SchedulerOutput, sampled: list[Sequence], result=None, fetch=None) -> _Launched:
+        """Book-keep a queued step before its ids are known: computed tokens advance, every sampling
+        sequence gets a `PENDING` output, and those that reach max_new_tokens or the context end now (so
+        that the next schedule leaves them out); only a stop token is left to find out (`_resolve`)."""
         c = self._counters
         self.scheduler.step_done(out)
         c.steps += 1
         c.computed_tokens += out.num_tokens
-        c.generation_tokens += len(sampled)
-        outputs = []
-        for k, seq in enumerate(sampled):
-            p = seq.sampling
-            token = tokens[k]
-            seq.output_ids.append(token)
-            reason = None
+        index, ends = [], []
+        for seq in sampled:
+            seq.output_ids.append(PENDING)
+            index.append(len(seq.output_ids) - 1)
+            full = self.config.sliding_window is None and seq.num_tokens >= self.config.max_seq_len
+            ends.append(len(seq.output_ids) >= seq.sampling.max_new_tokens or full)
+            if ends[-1]:
+                self.scheduler.finish(seq, FinishReason.LENGTH)
+        return _Launched(sampled, index, ends, result, fetch)
+
+    def _resolve(self, launched: _Launched, values: tuple | None = None) -> list[RequestOutput]:
+        """Read a committed step's ids (or take `values` = (tokens, logprobs, top)), put them in place of the
+        `PENDING` outputs, finish the sequences that sampled a stop token, and make the outputs. A row whose
+        sequence was aborted, or stopped at an earlier token, was computed for nothing and is dropped."""
+        if values is None:
+            with record_function("engine.wait"):
+                tokens, logprobs, top_ids, top_values = launched.fetch() if launched.fetch else ([], None, None, None)
+            top = (top_ids, top_values) if top_ids is not None else None
+        else:
+            tokens, logprobs, top = values
+        c, outputs = self._counters, []
+        for k, seq in enumerate(launched.sampled):
+            i, p = launched.index[k], seq.sampling
+            if seq.finish_reason is FinishReason.ABORT or len(seq.output_ids) <= i:
+                continue
+            token = seq.output_ids[i] = tokens[k]
+            reason = FinishReason.LENGTH if launched.ends[k] else None
             if token in p.stop_token_ids or (token == self.eos_id and not p.ignore_eos):
                 reason = FinishReason.STOP
-            elif len(seq.output_ids) >= p.max_new_tokens:
-                reason = FinishReason.LENGTH
-            elif self.config.sliding_window is None and seq.num_tokens >= self.config.max_seq_len:
-                reason = FinishReason.LENGTH
-            r = RequestOutput(seq.request_id, [token], len(seq.output_ids), reason is not None,
-                              reason.value if reason else None)
+                del seq.output_ids[i + 1 :]  # a token of the step in flight, if any: void
+                if seq.is_finished:
+                    seq.finish_reason = reason
+                else:
+                    self.scheduler.finish(seq, reason)
+            c.generation_tokens += 1
+            r = RequestOutput(seq.request_id, [token], i + 1, reason is not None, reason.value if reason else None)
             if p.logprobs and logprobs is not None:
                 r.new_logprobs = [logprobs[k]]
                 seq.output_logprobs.append(logprobs[k])
             if p.top_logprobs and top is not None:
                 r.new_top_logprobs = [list(zip(top[0][k], top[1][k]))[: p.top_logprobs]]
             if reason is not None:
-                self.scheduler.finish(seq, reason)
                 self.seqs.pop(seq.request_id, None)
                 c.finished += 1
             if seq.request_id in self._queues:
@@ -241,12 +364,29 @@ class LLMEngine:
             outputs.append(r)
         return outputs
 
+    def _advance(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int], logprobs=None, top=None):
+        """Book-keep a computed step with the chosen `tokens` (K,) of the sampling sequences.
+
+        NOTE: split from `step()` so that tests can teacher-force tokens through the real engine.
+        """
+        return self._resolve(self._commit(out, sampled), (tokens, logprobs, top))
+
+    def _drain(self) -> None:
+        """Resolve the step in flight now; its outputs come with the next `step()`."""
+        launched, self._inflight = self._inflight, None
+        if launched is not None:
+            self._ready += self._resolve(launched)
+
     def generate(
-        self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None
+        self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None, n: int = 1
     ) -> list[list[int]]:
-        """Run prompts to completion; the output token ids of each, in prompt order."""
+        """Run prompts to completion; the output token ids of each, in prompt order. With n > 1, n samples of
+        each prompt (`add_samples`), prompt by prompt: entry b * n + i is choice i of prompt b."""
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        if n == 1:
+            ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        else:
+            ids = [i for p, s in zip(prompts, params) for i in self.add_samples(p, s, n)]
         results: dict[str, list[int]] = {i: [] for i in ids}
         while any(i in self.seqs for i in ids):
             for out in self.step():
@@ -317,6 +457,7 @@ class LLMEngine:
         after this call uses the new weights.
         """
         state = source.state_dict() if isinstance(source, nn.Module) else source
+        self._drain()  # the step in flight used the old weights; its tokens stand, as any earlier step's
         own = dict(self.model.named_parameters())
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         if missing or unexpected:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.infer.engine.varlen import VarlenArgs, varlen_attention
+from lmforge.infer.transfer import to_device
 from lmforge.models.attention import allowed_mask, reference_attention, sdpa_attention
 from lmforge.models.config import ModelConfig
 
@@ -71,6 +72,16 @@ class PagedKVPool:
         shape = ((num_blocks + 1) * block_size, config.n_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-write of a shared block, block_manager.py)."""
+        if not copies:
+            return
+        bs = self.block_size
+        blocks = torch.tensor(copies).T  # (2, C): source blocks, destination blocks
+        slots = to_device((blocks[:, :, None] * bs + torch.arange(bs)).flatten(1), self.k[0].device)  # (2, C * bs)
+        for buf in (*self.k, *self.v):
+            buf.index_copy_(0, slots[1], buf.index_select(0, slots[0]))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -139,10 +150,10 @@ def build_metadata(
         first = members[0]
         self_causal = len(members) == 1 and starts[first] == 0 and (window is None or lengths[first] <= window)
         src, dst = q_valid.flatten().nonzero().squeeze(1), q_index[q_valid]
-        tensors = (t.to(device) for t in (q_index, q_pos, key_slots, key_pos))
-        groups.append(AttentionGroup(*tensors, self_causal, src.to(device), dst.to(device)))
+        tensors = (to_device(t, device) for t in (q_index, q_pos, key_slots, key_pos))
+        groups.append(AttentionGroup(*tensors, self_causal, to_device(src, device), to_device(dst, device)))
     assert bool((slot_mapping >= 0).all()), "a new token has no block"
-    return PackedMetadata(positions.to(device), slot_mapping.to(device), groups)
+    return PackedMetadata(to_device(positions, device), to_device(slot_mapping, device), groups)
 
 
 def _slots(table: Tensor, pos: Tensor, bs: int) -> Tensor:

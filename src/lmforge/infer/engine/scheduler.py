@@ -57,15 +57,23 @@ class ScheduledChunk:
     num_tokens: int  # compute positions [c, c + num_tokens) of seq
     start: int = 0  # c at scheduling time
     samples: bool = field(init=False)  # the chunk reaches the last token: its logits give the next token
+    forks: list[Sequence] = field(init=False)  # a prompt sequence's last chunk: the requests it forks into
 
     def __post_init__(self) -> None:
         self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        self.forks = list(self.seq.forks) if self.samples else []
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that sample from this chunk's last logits: itself, or a prompt sequence's forks."""
+        return (self.forks or [self.seq]) if self.samples else []
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy before the step
 
     @property
     def num_tokens(self) -> int:
@@ -81,9 +89,10 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new request, or raise `RequestRefused` (queue limit; needs more blocks than exist)."""
-        new_waiting = sum(1 for s in self.waiting if s.num_preemptions == 0)
-        if new_waiting >= self.config.max_waiting:
+        """Queue a new request (or a prompt sequence with its forks, which count as that many requests), or
+        raise `RequestRefused` (queue limit; needs more blocks than exist)."""
+        new_waiting = sum(s.num_slots for s in self.waiting if s.num_preemptions == 0)
+        if new_waiting + seq.num_slots > self.config.max_waiting:
             limit = self.config.max_waiting
             raise RequestRefused(RefusalReason.QUEUE_FULL, f"{new_waiting} requests are waiting (limit {limit})")
         total = seq.num_tokens + seq.sampling.max_new_tokens
@@ -106,7 +115,8 @@ class Scheduler:
         # preempted (blocks freed, recomputed later) until the older one fits (it may be the one itself).
         # Then, if nothing was preempted, waiting sequences are admitted in order while budget, sequence
         # slots and free blocks last; a prefix-cache hit makes c start above 0. Decode and pre-fill therefore
-        # share one batch and one rule, and no request waits for another's whole prompt.
+        # share one batch and one rule, and no request waits for another's whole prompt. A prompt sequence
+        # of K forks takes K sequence slots when it is admitted (it becomes K sequences when it samples).
         cfg, out = self.config, SchedulerOutput()
         budget = cfg.max_num_batched_tokens
         i = 0
@@ -123,8 +133,11 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, n, seq.num_computed_tokens))
                 budget -= n
                 i += 1
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < cfg.max_num_seqs:
+        slots = sum(s.num_slots for s in self.running)
+        while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
+            if slots + seq.num_slots > cfg.max_num_seqs:
+                break
             hits = self.bm.match_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
             reserve = cfg.watermark_blocks if self.running else 0  # NOTE: alone, a request may use every block
@@ -135,13 +148,15 @@ class Scheduler:
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, n, seq.num_computed_tokens))
             budget -= n
+            slots += seq.num_slots
+        out.copies = self.bm.take_copies()
         self._check(out)
         return out
 
     def _check(self, out: SchedulerOutput) -> None:
         cfg, bs = self.config, self.bm.block_size
         assert out.num_tokens <= cfg.max_num_batched_tokens, "token budget exceeded"
-        assert len(self.running) <= cfg.max_num_seqs, "too many running sequences"
+        assert sum(s.num_slots for s in self.running) <= cfg.max_num_seqs, "too many running sequences"
         assert len({id(c.seq) for c in out.chunks}) == len(out.chunks), "a sequence scheduled twice"
         running = {id(s) for s in self.running}
         assert not running & {id(s) for s in self.waiting}, "a sequence both waiting and running"
@@ -157,14 +172,36 @@ class Scheduler:
             self.bm.check_invariants(self.running)
 
     def step_done(self, out: SchedulerOutput) -> None:
-        """The runner computed every chunk: advance c, register full blocks, free blocks behind the window."""
+        """The runner computed every chunk: advance c, register full blocks, free blocks behind the window;
+        a prompt sequence whose pre-fill ended hands its blocks to its forks. Sequences finished since they
+        were scheduled (aborted) are skipped."""
         for c in out.chunks:
+            if c.seq.is_finished:
+                continue
             c.seq.num_computed_tokens += c.num_tokens
             self.bm.on_computed(c.seq)
+            if c.forks:
+                self._fork(c.seq, [s for s in c.forks if not s.is_finished])
+
+    def _fork(self, prompt: Sequence, forks: list[Sequence]) -> None:
+        """The forks take the prompt sequence's place in the running list, each sharing all its blocks."""
+        for seq in forks:
+            self.bm.fork(prompt, seq)
+            seq.status, seq.parent = SequenceStatus.RUNNING, None
+        i = self.running.index(prompt)
+        self.running[i : i + 1] = forks
+        self.bm.free_seq(prompt)
+        prompt.status, prompt.forks = SequenceStatus.FINISHED, []
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a sequence in any state; its blocks are freed at once."""
-        if seq.status is SequenceStatus.RUNNING:
+        """End a sequence in any state; its blocks are freed at once. A request still waiting for its prompt's
+        pre-fill leaves the prompt sequence, which ends with its last fork."""
+        if seq.parent is not None:
+            prompt, seq.parent = seq.parent, None
+            prompt.forks.remove(seq)
+            if not prompt.forks:
+                self.finish(prompt, reason)
+        elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.bm.free_seq(seq)
         elif seq.status is SequenceStatus.WAITING:

@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from lmforge.infer.sampling import _to_device
+from lmforge.infer.transfer import to_device
 
 LOGITS_CHUNK_BYTES = 1 << 28  # 256 MiB of float32 logits per projection chunk (2,097 rows of V = 32,000)
 PADDING = 0.25  # at most this fraction of a forward pass's tokens is padding
@@ -122,9 +122,9 @@ def _score_batch(model: nn.Module, seqs: list[list[int]], top_k: int) -> list:
     has_next = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None] - 1  # (B, L)
     rows = has_next.flatten().nonzero()[:, 0]  # (R,) host tensors: no device sync
     targets = tokens.roll(-1, dims=1).flatten()[rows]  # (R,) x_{t+1} of each row
-    hidden = model(_to_device(tokens, device), return_hidden=True).flatten(0, 1)  # (B * L, d)
-    hidden = hidden.index_select(0, _to_device(rows, device))  # (R, d)
-    logprobs, top_ids, top_logprobs = score_rows(model.output, hidden, _to_device(targets, device),
+    hidden = model(to_device(tokens, device), return_hidden=True).flatten(0, 1)  # (B * L, d)
+    hidden = hidden.index_select(0, to_device(rows, device))  # (R, d)
+    logprobs, top_ids, top_logprobs = score_rows(model.output, hidden, to_device(targets, device),
                                                  model.config.vocab_size, top_k)
     splits = [n - 1 for n in lengths]
     per_seq = logprobs.cpu().split(splits)

@@ -13,6 +13,16 @@ The scheduler reasons only in "tokens still to compute", n - c:
 A step that brings c up to n ends with the logits of the last token, and one new token is sampled; a chunk
 that stops short of n samples nothing. Prefill and decode are therefore the same operation, and a request
 resumed after preemption simply has more tokens to compute.
+
+Shared prompts (`LLMEngine.add_samples`: K samples of one prompt). One extra sequence, the prompt sequence,
+pre-fills the prompt on behalf of the K requests; it is no request itself and samples nothing. Until its
+last chunk the K requests wait in its `forks` (each with `parent` set, holding no blocks, in no queue). The
+chunk that reaches the prompt's end gives one logits row to each fork, which samples its own first token;
+then the forks take over the prompt's blocks (block_manager.py: `fork`, copy-on-write) and the prompt
+sequence ends:
+
+    prompt sequence P = 7, c = 0 .. 7, forks [r0, r1, r2]    -> pre-fill once (in chunks)
+    its last chunk: 3 logits rows, one token each             r0, r1, r2: n = 8, c = 7, sharing its blocks
 """
 
 from __future__ import annotations
@@ -20,8 +30,6 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-
-import torch
 
 from lmforge.infer.sampling import SamplingParams
 
@@ -39,6 +47,10 @@ class FinishReason(str, enum.Enum):
 
 
 _ids = itertools.count()
+
+# An output token sampled by a step whose ids the host has not read yet (LLMEngine with overlap): the step
+# after it takes the id straight from the device (runner.py, `TokenFeed`).
+PENDING = -1
 
 
 @dataclass
@@ -59,7 +71,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full, computed blocks
     num_preemptions: int = 0
-    generator: torch.Generator | None = None  # per-request sampling generator (seeded requests only)
+    sample_seed: int | None = None  # the noise seed of its samples (its `seed`, or drawn at its first sample)
+    forks: list["Sequence"] = field(default_factory=list)  # a prompt sequence: the requests it pre-fills for
+    parent: "Sequence | None" = None  # a request waiting for its prompt sequence's pre-fill
     seq_no: int = field(default_factory=lambda: next(_ids))  # arrival order, for stable sorting
 
     def __post_init__(self) -> None:
@@ -80,6 +94,11 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def num_slots(self) -> int:
+        """Running sequences this one stands for: a prompt sequence becomes its forks."""
+        return len(self.forks) or 1
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -88,4 +107,4 @@ class Sequence:
         return self.prompt_ids[pos] if pos < P else self.output_ids[pos - P]
 
 
-__all__ = ["FinishReason", "Sequence", "SequenceStatus"]
+__all__ = ["PENDING", "FinishReason", "Sequence", "SequenceStatus"]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmforge.infer.transfer import to_device
 from lmforge.models.attention import allowed_mask, reference_attention
 
 
@@ -67,7 +68,7 @@ def build_varlen(
     key_slots = blocks * bs + key_pos % bs  # (Kt,)
     new = key_pos >= start[seq]  # the last n_s keys of each sequence are its new tokens
     host = torch.from_numpy(np.concatenate([key_pos[new], key_slots[new], key_slots, cu_q, cu_k]))
-    dev = host.to(device)
+    dev = to_device(host, device)
     N, Kt = int(cu_q[-1]), int(cu_k[-1])
     positions, slot_mapping, slots = dev[:N], dev[N : 2 * N], dev[2 * N : 2 * N + Kt]
     cu = dev[2 * N + Kt :].to(torch.int32)
