@@ -120,8 +120,8 @@ def rollout(engine, prompts: Sequence[Sequence[int]], sampling: SamplingParams, 
 
     Answer k of prompt b is seeded seeds[b] + k, by default sampling.seed + b * n + k (module docstring).
     `sampling.logprobs` also returns the engine's log-probabilities of the sampled tokens (those of the raw
-    logits, temperature 1). NOTE: one request per answer until the engine's `add_samples` (one pre-fill per
-    prompt) is on main: it seeds choice k with seed + k, so switching changes no answer.
+    logits, temperature 1). The n answers of a prompt are the engine's `add_samples`: the prompt is pre-filled
+    once and choice k is seeded seed + k (so n must not exceed the engine's batch, rollout.batch_size).
     """
     check_rollout_sampling(sampling)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -134,9 +134,8 @@ def rollout(engine, prompts: Sequence[Sequence[int]], sampling: SamplingParams, 
         raise RolloutConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     requests: dict[str, Sample] = {}
     for b, prompt in enumerate(prompts):
-        for k in range(n):
-            params = dataclasses.replace(sampling, seed=(seeds[b] + k) % 2**63)
-            rid = engine.add_request(list(prompt), params)
+        params = dataclasses.replace(sampling, seed=seeds[b] % 2**63)
+        for k, rid in enumerate(engine.add_samples(list(prompt), params, n)):
             requests[rid] = Sample(b, k, list(prompt), [], None, [] if sampling.logprobs else None)
     while any(rid in engine.seqs for rid in requests):
         for out in engine.step():

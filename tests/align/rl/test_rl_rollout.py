@@ -81,6 +81,9 @@ def test_an_answer_depends_on_its_seed_only():
     alone = rollout(engine, [PROMPTS[2]], params, n=2, seeds=[300])
     assert [s.response_ids for s in alone] == [s.response_ids for s in together[4:6]]
     assert together[4].response_ids != together[5].response_ids  # choice 1 is seeded 301
+    # n answers share one pre-fill (add_samples) and are the answers of n separate requests seeded seed + k
+    single = rollout(engine, [PROMPTS[2]], params, n=1, seeds=[301])
+    assert single[0].response_ids == together[5].response_ids
     again = rollout(engine, PROMPTS, params, n=2, seeds=[100, 200, 300, 400])
     assert [s.response_ids for s in again] == [s.response_ids for s in together]
 
