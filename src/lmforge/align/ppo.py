@@ -102,7 +102,8 @@ class CriticConfig:
 
     Attributes:
         init_from: Model folder the critic starts from: a reward model (Llama 2's critic starts from the
-            Helpfulness RM) or a language model, whose trunk gets a fresh value head; None: the policy's.
+            Helpfulness RM) or a language model, whose trunk gets a fresh value head; None: the Helpfulness RM
+            when reward.helpfulness is a reward model folder, else the policy's model.
         lr: Its learning rate (None: optim.lr).
     """
 
@@ -117,19 +118,20 @@ PPO_OPTIM = OptimConfig(lr=1e-6, warmup_steps=0, min_lr_ratio=1.0)
 def init_critic(path: str, device: torch.device, seed: int) -> nn.Module:
     """A transformer trunk with one value per position: forward(tokens, logits_index=...) -> (B, T, 1).
 
-    From a language model folder: its trunk, and a value head of shape (1, d) drawn from N(0, (0.02 / sqrt(d))^2)
-    (seeded), so that first values are near 0. NOTE: the head replaces the model's `output` projection in place
-    (the model keeps its forward, so the harness, FSDP2 and the checkpoints treat it as any Transformer).
+    A reward model's shape (`lmforge.align.reward_model.init_reward_model`): from a reward model folder (Llama
+    2's critic starts from the Helpfulness RM) that model as it is; from a language model folder its trunk and
+    a new scalar head drawn from N(0, (0.02 / sqrt(d))^2) (seeded), so that first values are near 0.
     """
-    from lmforge.models.checkpoint import load_model
+    from lmforge.align.reward_model import init_reward_model
 
-    model = load_model(path, device=device, dtype=torch.float32)
-    d = model.config.dim
-    head = nn.Linear(d, 1, bias=False, device=device)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(1, d, generator=torch.Generator().manual_seed(seed)) * 0.02 * d**-0.5)
-    model.output = head
-    return model
+    return init_reward_model(path, device=device, dtype=torch.float32, seed=seed)
+
+
+def critic_source(critic: CriticConfig, reward: RewardConfig, init_from: str) -> str:
+    """The folder the critic starts from (CriticConfig.init_from)."""
+    if critic.init_from:
+        return critic.init_from
+    return reward.helpfulness if Path(reward.helpfulness).is_dir() else init_from
 
 
 def ppo(
@@ -165,7 +167,11 @@ def ppo(
     from lmforge.models.checkpoint import load_model
 
     reference = frozen(load_model(init_from, device=device, dtype=torch.float32))
-    value = init_critic(critic.init_from or init_from, device, train.seed)
+    value = init_critic(critic_source(critic, reward, init_from), device, train.seed)
+    if value.config.vocab_size != policy.config.vocab_size:
+        raise TrainConfigError(f"the critic ({critic_source(critic, reward, init_from)}) has a vocabulary of "
+                               f"{value.config.vocab_size}, the policy {policy.config.vocab_size}: they must share "
+                               "the tokenizer (set --critic.init_from)")
     records, prompt_ids = read_prompts(prompts, tokenizer, policy.config.max_seq_len, rollout.max_new_tokens)
     gate = make_gate(reward, device)
     check_scorers(records, gate.helpfulness, gate.safety)
@@ -328,5 +334,5 @@ def _iteration_figures(chunks, gated, samples, records, answers, beta, eos_id, g
     return out | timer.figures(global_sum(out["answer/length"] * n, group, device))
 
 
-__all__ = ["CriticConfig", "PPOConfig", "PPO_OPTIM", "init_critic", "ppo", "ppo_loss", "ppo_targets",
+__all__ = ["CriticConfig", "PPOConfig", "PPO_OPTIM", "critic_source", "init_critic", "ppo", "ppo_loss", "ppo_targets",
            "whiten_advantages"]
