@@ -129,11 +129,8 @@ class RewardModelScorer:
         from lmforge.models.checkpoint import load_model
         from lmforge.tokenizer import Tokenizer
 
-        try:
-            from lmforge.align.reward_model import score_sequences
-        except ImportError:
-            raise ScorerError(f"{path}: this lmforge has no reward models yet (lmforge.align.reward_model); use "
-                              "'oracle:helpfulness', 'oracle:safety' or 'checker'") from None
+        from lmforge.align.reward_model import score_sequences
+
         self.score_sequences = score_sequences
         self.device = device or torch.device("cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

@@ -22,3 +22,13 @@ def rl_world(tmp_path_factory):
     save_model(Transformer(ModelConfig.from_name("tiny", vocab_size=600, max_seq_len=512)), root / "model",
                tokenizer_path=tok)
     return {"root": root, "prompts": root / "world" / "rlhf_prompts.jsonl", "model": root / "model", "tokenizer": tok}
+
+
+@pytest.fixture(scope="session")
+def rl_reward_model(rl_world):
+    """A reward model folder over the tiny model's trunk (a fresh scalar head, seed 1) and its tokenizer."""
+    from lmforge.align.reward_model import init_reward_model
+
+    out = rl_world["root"] / "rm"
+    save_model(init_reward_model(rl_world["model"], seed=1), out, tokenizer_path=rl_world["tokenizer"])
+    return out

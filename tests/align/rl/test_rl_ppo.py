@@ -3,16 +3,19 @@ is clipped there, every metric the issue lists is logged, exact resume after SIG
 bad options in one line."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 from rl_helpers import COMMON_KEYS, common_args, curve, records
 
 from lmforge.align.prompts import PromptSchedule, read_prompt_records
 from lmforge.cli import main
+from lmforge.models.checkpoint import load_model
 from lmforge.train.checkpointing import latest_checkpoint
 
 PPO = ("--ppo.minibatch_size", "4", "--train.iterations", "3")  # 2 gradient steps an iteration
@@ -105,3 +108,25 @@ def test_bad_options_end_in_one_line(rl_world, tmp_path, capsys, flag, value, me
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmforge: error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_helpfulness_rm_scores_the_answers_and_starts_the_critic(rl_world, rl_reward_model, golden_run, tmp_path):
+    from lmforge.align.ppo import CriticConfig, critic_source, init_critic
+    from lmforge.align.scorers import RewardConfig
+
+    reward = RewardConfig(helpfulness=str(rl_reward_model))
+    assert critic_source(CriticConfig(), reward, "sft") == str(rl_reward_model)  # Llama 2: the critic is the RM's
+    assert critic_source(CriticConfig(), RewardConfig(), "sft") == "sft"  # no RM: the policy's trunk
+    assert critic_source(CriticConfig(init_from="other"), reward, "sft") == "other"
+    critic = init_critic(str(rl_reward_model), torch.device("cpu"), seed=5)
+    rm = load_model(rl_reward_model, head="reward")
+    assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), rm.state_dict().values()))
+
+    run = tmp_path / "run"
+    main(ppo_args(rl_world, run, "--reward.helpfulness", str(rl_reward_model), "--train.iterations", "1"))
+    (got,), (oracle,) = records(run), records(golden_run)[:1]
+    # iteration 1 samples the same answers (same policy, same seeds): the Safety stand-in's mean is the oracle
+    # run's, the Helpfulness score is the RM's (near 0 from its small fresh head, not the oracle's raw scale)
+    assert got["reward/safety_rm"] == pytest.approx(oracle["reward/safety_rm"], rel=1e-6)
+    assert abs(got["reward/helpfulness_rm"]) < 0.5 < abs(oracle["reward/helpfulness_rm"])
+    assert all(math.isfinite(got[k]) for k in ("loss", "value/loss", "reward/total"))

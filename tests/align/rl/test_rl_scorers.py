@@ -11,6 +11,9 @@ import torch
 from lmforge.align.prompts import PromptFileError, PromptSchedule, read_prompt_records
 from lmforge.align.rl_iteration import plan_iteration
 from lmforge.align.scorers import GatedReward, ScorerError, make_scorer, oracle_figures, verifiable_reward
+from lmforge.models.checkpoint import load_model
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import encode_chat
 from lmforge.align.world.common import stream
 from lmforge.align.world.records import World, prompt_record
 from lmforge.parallel import DataParallelRank
@@ -127,3 +130,25 @@ def test_the_data_parallel_plan_is_one_process_split():
     assert len(set(one.seeds)) == 8 and all(b - a == 2 for a, b in zip(one.seeds, one.seeds[1:]))
     with pytest.raises(ValueError, match="multiple of the data-parallel ranks"):
         plan_iteration(s, 0, 1, 3, 0, DataParallelRank(0, 2))
+
+
+def test_a_reward_model_folder_scores_each_dialogue_at_its_last_token(recs, rl_reward_model):
+    """The scorer batches dialogues of different lengths (sorted, right-padded); each score must be the one
+    forward of that dialogue alone gives at its last token (the closing </s>)."""
+    scorer = make_scorer(str(rl_reward_model))
+    records = list(recs.values())
+    answers = ["4", REFUSE, "", "The sea is wide and the sea is deep, and the night is long.", "yes"]
+    got = scorer(records, answers)
+    net, tok = load_model(rl_reward_model, head="reward").eval(), Tokenizer(rl_reward_model / "tokenizer.model")
+    for r, a, g in zip(records, answers, got):
+        ids = encode_chat(tok, [*r["messages"], {"role": "assistant", "content": a or " "}]).ids
+        assert ids[-1] == tok.eos_id
+        with torch.no_grad():
+            want = net(torch.tensor([ids]))[0, -1, 0]
+        assert g.item() == pytest.approx(want.item(), abs=1e-5)
+    assert not scorer.probability and torch.equal(scorer.raw(records, answers), got)  # already on the raw scale
+    assert len(set(got.tolist())) == len(answers)  # the head is not constant: the check can fail
+    # in the gate beside the oracle's Safety stand-in: the RM's score wherever the gate did not pick safety
+    gated = GatedReward(scorer, make_scorer("oracle:safety"))(records, answers)
+    assert torch.equal(gated["score"][~gated["used_safety"]], got[~gated["used_safety"]])
+    assert gated["used_safety"].any() and not gated["used_safety"].all()
