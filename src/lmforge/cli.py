@@ -38,6 +38,7 @@ VERBS: dict = {
     "rs": "lmforge.align.rs:rs",
     "ppo": "lmforge.align.ppo:ppo",
     "grpo": "lmforge.align.grpo:grpo",
+    "rlhf": "lmforge.align.rlhf:rlhf",
     "serve": "lmforge.serve.server:serve",
     "eval": {"_help": "Evaluations: `eval loss` (loss and perplexity of token shards), `eval chat` (the chat "
                       "world's prompt sets, scored by its checkers).",
