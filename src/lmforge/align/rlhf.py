@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.align.ledger import StageLedger
+from lmforge.align.grpo import GRPOConfig
 from lmforge.align.pair_training import PairTrainConfig
 from lmforge.align.ppo import PPO_OPTIM, PPOConfig
 from lmforge.align.rl_iteration import PromptsConfig, RLTrainConfig
@@ -200,21 +201,43 @@ def ppo_stage(model: str | Path, prompts: PromptsConfig, cfg: PPORoundConfig, ro
     return trained(run_dir)
 
 
-def evaluate_stage(model: str | Path, world: Path, limit: int | None = None, device: str | None = None
-                   ) -> dict[str, float]:
-    """The round table's figures of `model` on the world's held-out sets (greedy answers, `eval chat`'s
-    scoring): pipeline.headline's figures."""
+def grpo_stage(model: str | Path, prompts: PromptsConfig, grpo_cfg: GRPOConfig, rollout: RolloutConfig, reward: str,
+               train: RLTrainConfig, optim: OptimConfig, run_dir: Path, run: RunConfig, seed: int) -> Path | None:
+    """`lmforge grpo` from `model` in `run_dir` (resumed) with the scorer `reward` ("checker": the world's
+    verifiable rewards); the policy, or None when stopped part-way. Not a stage of the driver (Llama 2 has no
+    GRPO): beside it for benchmarks."""
+    from lmforge.align.grpo import grpo
+
+    sub = dataclasses.replace(run, dir=str(run_dir), resume="auto", overwrite=False)
+    grpo(str(model), prompts=prompts, rollout=rollout, grpo=grpo_cfg, reward=reward,
+         train=dataclasses.replace(train, seed=seed), optim=optim, run=sub)
+    return trained(run_dir)
+
+
+def last_figures(run_dir: str | Path) -> dict:
+    """The last iteration's record of an RL run (metrics.jsonl): reward, kl, oracle/..., time/..."""
+    from lmforge.train.metrics import read_step_metrics
+
+    return read_step_metrics(Path(run_dir) / "metrics.jsonl")[-1]
+
+
+def evaluate_stage(model: str | Path, world: Path, limit: int | None = None, device: str | None = None,
+                   max_new_tokens: int = 128) -> dict[str, float]:
+    """The round table's figures of `model` on the first `limit` prompts of each of the world's held-out sets
+    (greedy answers of at most `max_new_tokens`, `eval chat`'s scoring): pipeline.headline's figures."""
     from lmforge.align.eval_chat import answer_prompts, read_records, score_answers
     from lmforge.align.pipeline import headline
     from lmforge.devices import resolve_device
+    from lmforge.infer.sampling import SamplingParams
     from lmforge.models.checkpoint import load_model
     from lmforge.tokenizer import Tokenizer
 
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     net, tok = load_model(model, device=resolve_device(device)).eval(), Tokenizer(Path(model) / "tokenizer.model")
     reports = {}
     for name in HELDOUT_PROMPTS:
         records = read_records(world / f"{name}.jsonl", limit=limit)
-        reports[name] = score_answers(records, answer_prompts(net, tok, records, progress=False))
+        reports[name] = score_answers(records, answer_prompts(net, tok, records, sampling, progress=False))
     return headline(reports)
 
 
@@ -231,6 +254,7 @@ def rlhf(
     rollout: RolloutConfig = RolloutConfig(),
     safety_threshold: float = RewardConfig.safety_threshold,
     eval_limit: int | None = None,
+    eval_max_new_tokens: int = 128,
     run: RunConfig = RunConfig(),
     seed: int = 0,
     device: str | None = None,
@@ -253,6 +277,7 @@ def rlhf(
         rollout: Sampling through the engine in RS and PPO.
         safety_threshold: The gate's threshold on the Safety RM's score (Llama 2: 0.15).
         eval_limit: Prompts per held-out set in the round table (None: all).
+        eval_max_new_tokens: Longest answer in the round table's evaluation (eval chat's default: 128).
         run: The run folder (default runs/rlhf), resume, overwrite; its other options go to every training stage.
         seed: Seed of every stage (round r's draw from (seed, r)).
         device: Where sampling, scoring and evaluation run (None: CUDA when available).
@@ -270,11 +295,13 @@ def rlhf(
     root = ledger.dir
     write_run_info(root, to_plain({"init_from": init_from, "world": world, "rounds": rounds, "prompts": prompts,
                                    "preferences": preferences, "rm": rm, "rs": rs, "ppo": ppo, "rollout": rollout,
-                                   "safety_threshold": safety_threshold, "eval_limit": eval_limit, "run": run,
+                                   "safety_threshold": safety_threshold, "eval_limit": eval_limit,
+                                   "eval_max_new_tokens": eval_max_new_tokens, "run": run,
                                    "seed": seed, "device": device}), device=str(device), verb="rlhf")
     heldout = [str(world_dir / f"{n}.jsonl") for n in HELDOUT_PROMPTS]
     table = [{"round": 0, "model": init_from,
-              **ledger.run("round_0/eval", lambda: evaluate_stage(init_from, world_dir, eval_limit, device))}]
+              **ledger.run("round_0/eval", lambda: evaluate_stage(init_from, world_dir, eval_limit, device,
+                                                                  eval_max_new_tokens))}]
     model = Path(init_from)
     for r in range(1, rounds + 1):
         folder, s = root / f"round_{r}", seed * 1000 + r
@@ -313,7 +340,8 @@ def rlhf(
                     return root
                 ledger.record(name, {"model": str(out)})
             model = Path(ledger.result(name)["model"])
-        figures = ledger.run(f"round_{r}/eval", lambda m=model: evaluate_stage(m, world_dir, eval_limit, device))
+        figures = ledger.run(f"round_{r}/eval", lambda m=model: evaluate_stage(m, world_dir, eval_limit, device,
+                                                                                   eval_max_new_tokens))
         table.append({"round": r, "model": str(model), **accuracy, **figures})
         write_round_table(root, table)
     return root
@@ -332,5 +360,5 @@ def write_round_table(root: Path, table: list[dict]) -> None:
 
 
 __all__ = ["PPORoundConfig", "PreferenceRoundConfig", "RMRoundConfig", "RSRoundConfig", "evaluate_stage",
-           "pool_preferences", "ppo_stage", "preference_stage", "reward_model_stage", "rlhf", "rm_accuracy",
+           "grpo_stage", "last_figures", "pool_preferences", "ppo_stage", "preference_stage", "reward_model_stage", "rlhf", "rm_accuracy",
            "rs_stage", "trained", "write_round_table"]

@@ -17,7 +17,7 @@ from lmforge.train.metrics import read_step_metrics
 
 # One round at the smallest sizes that run every stage: pairs of 8-token answers to the 40 RL prompts (and to 6
 # prompts of each held-out set), reward models of 2 steps, one RS iteration (2 answers to 8 prompts, 2 SFT steps),
-# one PPO iteration, a round table over 4 prompts of each held-out set.
+# one PPO iteration, a round table over 4 prompts of each held-out set (answers of at most 16 tokens).
 RECIPE = {
     "rounds": 1, "prompts": {"per_iteration": 8}, "preferences": {"heldout_limit": 6, "max_new_tokens": 8},
     "rm": {"train": {"batch_size": 4, "micro_batch_size": 2, "seq_len": 256, "steps": 2, "device": "cpu",
@@ -27,7 +27,7 @@ RECIPE = {
            "optim": {"lr": 1e-3}},
     "ppo": {"from_round": 1, "ppo": {"minibatch_size": 4},
             "train": {"iterations": 1, "micro_batch_size": 2, "device": "cpu", "threads": 1}, "optim": {"lr": 1e-4}},
-    "rollout": {"max_new_tokens": 8, "batch_size": 16}, "eval_limit": 4,
+    "rollout": {"max_new_tokens": 8, "batch_size": 16}, "eval_limit": 4, "eval_max_new_tokens": 16,
     "run": {"progress": False, "checkpoint_every": 1, "eval_every": 0}, "device": "cpu",
 }
 STAGES = ["round_0/eval", "round_1/preferences", "round_1/preference_pool", "round_1/rm_helpfulness",
@@ -86,6 +86,7 @@ def test_one_round_runs_every_stage_each_fed_by_the_one_before(golden_run):
     assert table[1]["model"] == str(r1 / "ppo" / "model")
 
 
+@pytest.mark.slow  # a second whole run, in a subprocess
 def test_sigkill_inside_a_stage_resumes_to_the_uninterrupted_run(rl_world, recipe, golden_run, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *rlhf_args(rl_world, recipe, run)],
