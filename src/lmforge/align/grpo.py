@@ -36,6 +36,7 @@ from lmforge.align.rl_iteration import (
     Sums,
     Timer,
     collect,
+    finish_policy_run,
     frozen,
     global_means,
     global_sum,
@@ -157,8 +158,9 @@ def grpo(
     sync_engine(engine, policy)  # a resumed run samples from its restored weights
     params = trainable(policy)
 
-    try:
+    with job:  # closes the run's progress bar, signal handlers and metric sinks however the loop ends
         for iteration in range(job.step + 1, train.iterations + 1):
+            job.profiler.before_step(iteration)
             timer = Timer()
             plan = plan_iteration(schedule, iteration - 1, K, M, train.seed, dp)
             with timer("rollout"):
@@ -198,12 +200,8 @@ def grpo(
                                     seq_kl.append(((old_logp - ref[j][i]) * mask).sum(-1))
                                 entropy.add("entropy", old_entropy.sum().item(), mask.sum().item())
                         figures = mb_stats.global_figures(dp.group, device)
-                        grad_norm = harness.clip_gradients(params, optim.grad_clip)
-                        harness.check_finite(job, iteration, figures["loss"], grad_norm)
-                        lr = optimizer.param_groups[0]["lr"]
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        grad_norm, lr = harness.apply_update(job, iteration, figures["loss"], params, optimizer,
+                                                             scheduler, optim.grad_clip)
                         if epoch == 0 and j == 0:  # the gate: ratio 1 and nothing clipped on the first mini-batch
                             stats.add("policy/first_ratio_deviation", figures["ratio_deviation"], 1)
                             stats.add("policy/first_clip_fraction", figures["policy/clip_fraction"], 1)
@@ -226,16 +224,9 @@ def grpo(
             state.counters["answers"] += len(samples) * W
             state.counters["answer_tokens"] += int(record["answer/length"] * n * W)
             job.log_step(iteration, record, show=("reward", "kl", "oracle/helpfulness"))
-            if harness.checkpoint_or_stop(job, iteration, train.iterations, state):
-                job.close()
+            if harness.end_step(job, iteration, train.iterations, state):
                 return job.dir
-    except BaseException:
-        job.close()
-        raise
-    harness.finish_run(job, state, plot_keys=("reward", "oracle/helpfulness", "kl"))
-    if run.save_model:
-        harness.export_model(job, policy, tok_path)
-    return job.dir
+    return finish_policy_run(job, state, policy, tok_path, run.save_model, ("reward", "oracle/helpfulness", "kl"))
 
 
 __all__ = ["GRPOConfig", "GRPO_OPTIM", "grpo", "grpo_loss"]

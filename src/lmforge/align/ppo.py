@@ -40,6 +40,7 @@ from lmforge.align.rl_iteration import (
     Sums,
     Timer,
     collect,
+    finish_policy_run,
     frozen,
     global_means,
     global_sum,
@@ -195,8 +196,9 @@ def ppo(
     T, W, M = rollout.temperature, dp.size, ppo.minibatch_size
     params_p, params_c = trainable(policy), trainable(value)
 
-    try:
+    with job:  # closes the run's progress bar, signal handlers and metric sinks however the loop ends
         for iteration in range(job.step + 1, train.iterations + 1):
+            job.profiler.before_step(iteration)
             timer = Timer()
             plan = plan_iteration(schedule, iteration - 1, 1, M, train.seed, dp)
             with timer("rollout"):
@@ -261,16 +263,9 @@ def ppo(
             state.counters["answers"] += len(samples) * W
             state.counters["answer_tokens"] += int(record["answer/length"] * len(samples) * W)
             job.log_step(iteration, record, show=("reward", "kl", "oracle/helpfulness"))
-            if harness.checkpoint_or_stop(job, iteration, train.iterations, state):
-                job.close()
+            if harness.end_step(job, iteration, train.iterations, state):
                 return job.dir
-    except BaseException:
-        job.close()
-        raise
-    harness.finish_run(job, state, plot_keys=PLOT_KEYS)
-    if run.save_model:
-        harness.export_model(job, policy, tok_path)
-    return job.dir
+    return finish_policy_run(job, state, policy, tok_path, run.save_model, PLOT_KEYS)
 
 
 PLOT_KEYS = ("reward", "oracle/helpfulness", "kl", "oracle/violation_rate")  # the rest: metrics.jsonl, TensorBoard

@@ -263,6 +263,18 @@ def rollout_sums(samples: list[Sample], records: list[dict], answers: list[str],
             "answer/ended": (float(ended), n), **oracle_sums(records, answers)}
 
 
-__all__ = ["IterationPlan", "MicroBatch", "PromptsConfig", "RLTrainConfig", "Sums", "Timer", "collect", "frozen",
-           "global_means", "global_sum", "iteration_seed", "load_policy", "micro_batches", "no_grad_pass",
-           "plan_iteration", "read_prompts", "rollout_sums"]
+def finish_policy_run(job, state, policy: torch.nn.Module, tokenizer_path, save_model: bool,
+                      plot_keys: tuple[str, ...]) -> Path:
+    """The end of a completed RL run: the summary and plot of `plot_keys` (harness.finish_run), then the policy
+    in RUN/model with its tokenizer; the run folder."""
+    from lmforge.train import harness
+
+    harness.finish_run(job, state, plot_keys=plot_keys)
+    if save_model:
+        harness.export_model(job, policy, tokenizer_path)
+    return job.dir
+
+
+__all__ = ["IterationPlan", "MicroBatch", "PromptsConfig", "RLTrainConfig", "Sums", "Timer", "collect",
+           "finish_policy_run", "frozen", "global_means", "global_sum", "iteration_seed", "load_policy",
+           "micro_batches", "no_grad_pass", "plan_iteration", "read_prompts", "rollout_sums"]

@@ -360,5 +360,5 @@ def write_round_table(root: Path, table: list[dict]) -> None:
 
 
 __all__ = ["PPORoundConfig", "PreferenceRoundConfig", "RMRoundConfig", "RSRoundConfig", "evaluate_stage",
-           "grpo_stage", "last_figures", "pool_preferences", "ppo_stage", "preference_stage", "reward_model_stage", "rlhf", "rm_accuracy",
-           "rs_stage", "trained", "write_round_table"]
+           "grpo_stage", "last_figures", "pool_preferences", "ppo_stage", "preference_stage", "reward_model_stage",
+           "rlhf", "rm_accuracy", "rs_stage", "trained", "write_round_table"]

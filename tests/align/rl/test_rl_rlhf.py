@@ -76,7 +76,8 @@ def test_one_round_runs_every_stage_each_fed_by_the_one_before(golden_run):
     # the pool of round 1 is its own pairs; the reward models trained on it, RS selected with their gate, PPO
     # started from the RS model with the same gate, and the round's model is PPO's
     for kind in ("helpfulness", "safety"):
-        assert (r1 / "preference_pool" / f"{kind}.jsonl").read_text() == (r1 / "preferences" / f"{kind}.jsonl").read_text()
+        pooled, own = (r1 / d / f"{kind}.jsonl" for d in ("preference_pool", "preferences"))
+        assert pooled.read_text() == own.read_text()
     rs_config = yaml.safe_load((r1 / "rs" / "config.yaml").read_text())
     assert rs_config["reward"]["helpfulness"] == str(r1 / "rm_helpfulness" / "model")
     assert rs_config["reward"]["safety"] == str(r1 / "rm_safety" / "model")
