@@ -274,6 +274,9 @@ def rs(
         if pooled["dialogues"] == 0:
             raise TrainConfigError(f"iteration {i}: every sampled answer was empty, nothing to fine-tune on")
         start = Path(init_from) if rs.finetune_from == "start" else model
+        # NOTE: this is sft's loop called as a function (learn: last on the pool). The generate-then-fine-tune
+        # verbs' shared `FineTuneConfig` / `fine_tune` (one --sft group: data with replay sources, train, optim,
+        # parallel, lora) will take the place of sft_train / optim and of this call once it is on main.
         if not stages.done(f"iteration_{i}/sft"):
             sub = dataclasses.replace(run, dir=str(folder / "sft"), resume="auto", overwrite=False)
             data = SFTDataConfig(sources=[SFTSource(str(folder / "pool.jsonl"), learn="last")],
