@@ -197,7 +197,7 @@ class RewardConfig:
 
     Attributes:
         helpfulness: The Helpfulness RM: a reward model folder, or "oracle:helpfulness" (the chat world's
-            oracle as a stand-in, module docstring).
+            oracle standing in for it, its [0, 1] score put on the reward models' logit scale).
         safety: The Safety RM: a reward model folder or "oracle:safety"; None takes it out of the gate (every
             answer is judged by the Helpfulness RM: the ablation).
         safety_threshold: The gate picks the Safety RM where its sigmoid score is below this (Llama 2: 0.15),
