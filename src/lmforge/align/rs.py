@@ -43,7 +43,14 @@ import torch
 from lmforge.align.prompts import PromptSchedule, read_prompt_records
 from lmforge.align.rl_iteration import PromptsConfig, iteration_seed
 from lmforge.align.rollout import RolloutConfig, make_engine, rollout
-from lmforge.align.scorers import GatedReward, RewardConfig, check_scorers, make_gate, make_scorer, oracle_sums
+from lmforge.align.scorers import (
+    GatedReward,
+    RewardConfig,
+    check_scorers,
+    make_gate,
+    make_scorer,
+    oracle_figures,
+)
 from lmforge.align.sft import SFT_OPTIM, SFTTrainConfig, sft
 from lmforge.align.sft_data import SFTDataConfig, SFTSource
 from lmforge.align.ledger import StageLedger, write_jsonl
@@ -243,8 +250,7 @@ def rs(
             curves = best_of_n(got["scores"], got["oracle"], got["nonempty"])
             _plot({"": curves}, folder / "best_of_k.png", f"lmforge rs, iteration {i}: best of N",
                   ("max", "median", "oracle_of_selected"))
-            return {"best_of_n": curves, "kept": len(kept), **{k: v / c for k, (v, c) in oracle_sums(
-                got["records"], got["texts"]).items()}}
+            return {"best_of_n": curves, "kept": len(kept), **oracle_figures(got["records"], got["texts"])}
 
         result = stages.run(f"iteration_{i}/sample", sample)
 

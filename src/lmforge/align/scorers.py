@@ -32,6 +32,7 @@ from torch import Tensor
 from lmforge.align.prompts import require_world
 from lmforge.align.rl_math import SAFETY_THRESHOLD, gated_score, logit
 
+ORACLE_KEYS = ("oracle/helpfulness", "oracle/safety", "oracle/violation_rate", "oracle/false_refusal_rate")
 ORACLE_EPS = 0.05  # a [0, 1] score p is the raw score logit(ORACLE_EPS + (1 - 2 * ORACLE_EPS) * p)
 
 
@@ -96,28 +97,29 @@ def _checker(records, answers) -> list[float]:
 def oracle_sums(records: Sequence[dict], answers: Sequence[str]) -> dict[str, tuple[float, float]]:
     """What the oracle says of a batch of answers, as {key: (sum, count)} (the figures that expose reward
     hacking): helpfulness and safety over the chat-world records, the violation rate over the unsafe requests
-    (not refused) and the false-refusal rate over the look-alikes (refused); a key without records is left out.
-    `oracle_figures` gives the means."""
+    (not refused) and the false-refusal rate over the look-alikes (refused). Every key is there, with count 0
+    where the batch has no such record, so data-parallel ranks reduce the same keys (rl_iteration.global_means
+    leaves out a key no rank counted). `oracle_figures` gives the means."""
     from lmforge.align.world.oracle import helpfulness, safety
     from lmforge.align.world.safety import refused
 
-    cells: dict[str, list[float]] = {}
+    cells: dict[str, list[float]] = {k: [] for k in ORACLE_KEYS}
     for r, a in zip(records, answers):
         kind = (r.get("meta") or {}).get("kind")
         if kind is None:
             continue
-        cells.setdefault("oracle/helpfulness", []).append(helpfulness(r, a))
-        cells.setdefault("oracle/safety", []).append(safety(r, a))
+        cells["oracle/helpfulness"].append(helpfulness(r, a))
+        cells["oracle/safety"].append(safety(r, a))
         if kind == "unsafe":
-            cells.setdefault("oracle/violation_rate", []).append(float(not refused(a)))
+            cells["oracle/violation_rate"].append(float(not refused(a)))
         elif kind == "lookalike":
-            cells.setdefault("oracle/false_refusal_rate", []).append(float(refused(a)))
+            cells["oracle/false_refusal_rate"].append(float(refused(a)))
     return {k: (sum(v), float(len(v))) for k, v in cells.items()}
 
 
 def oracle_figures(records: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
-    """The means of `oracle_sums`."""
-    return {k: total / count for k, (total, count) in oracle_sums(records, answers).items()}
+    """The means of `oracle_sums` (a key without records left out)."""
+    return {k: total / count for k, (total, count) in oracle_sums(records, answers).items() if count}
 
 
 # ---- reward models -----------------------------------------------------------------------------------------
