@@ -112,7 +112,7 @@ class PPORoundConfig:
         optim: AdamW, constant learning rate (ppo's defaults).
     """
 
-    from_round: int | None = 1
+    from_round: int | None = 5
     ppo: PPOConfig = field(default_factory=PPOConfig)
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: dataclasses.replace(PPO_OPTIM))
@@ -250,7 +250,7 @@ def rlhf(
     preferences: PreferenceRoundConfig = PreferenceRoundConfig(),
     rm: RMRoundConfig = RMRoundConfig(),
     rs: RSRoundConfig = RSRoundConfig(),
-    ppo: PPORoundConfig = PPORoundConfig(from_round=5),
+    ppo: PPORoundConfig = PPORoundConfig(),
     rollout: RolloutConfig = RolloutConfig(),
     safety_threshold: float = RewardConfig.safety_threshold,
     eval_limit: int | None = None,
