@@ -150,15 +150,21 @@ def rollout(engine, prompts: Sequence[Sequence[int]], sampling: SamplingParams, 
     return list(requests.values())
 
 
-def make_engine(policy: nn.Module, eos_id: int, batch_size: int, max_prompts: int):
+def make_engine(policy: nn.Module, eos_id: int, batch_size: int, max_prompts: int, block_size: int = 16):
     """An LLMEngine over a copy of `policy` for rollouts: bf16 on CUDA (fp32 elsewhere), in eval mode, up to
-    `batch_size` sequences at a time and `max_prompts` requests queued."""
+    `batch_size` sequences at a time and `max_prompts` requests queued.
+
+    NOTE: its KV pool holds `batch_size` sequences of min(max_seq_len, 2048) tokens on every device. The
+    engine's own CUDA default takes 80% of the free memory, which the trainer's optimizer states and
+    activations (allocated after the engine) need."""
     from lmforge.infer.engine.llm import LLMEngine
 
     model = copy.deepcopy(policy).eval().requires_grad_(False)
     if next(model.parameters()).device.type == "cuda":
         model = model.to(torch.bfloat16)
-    return LLMEngine(model, eos_id=eos_id, max_num_seqs=batch_size, max_waiting=max(1024, max_prompts))
+    num_blocks = batch_size * -(-min(model.config.max_seq_len, 2048) // block_size)
+    return LLMEngine(model, eos_id=eos_id, max_num_seqs=batch_size, max_waiting=max(1024, max_prompts),
+                     block_size=block_size, num_blocks=num_blocks)
 
 
 def sync_engine(engine, policy: nn.Module) -> None:
