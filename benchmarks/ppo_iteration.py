@@ -19,7 +19,9 @@ What runs, all in this process on one device:
     time/training, time/sync (load_weights into the engine), time/iteration and rollout/tokens_per_s.
   - The engine alone (benchmarks/serving.py's `drive`) on the same prompts, the same batch (every prompt at
     once, at most --prompts sequences decoding together) and the same answer length, over a bf16 copy of the
-    policy made as PPO makes it (`rollout.make_engine`); a warm-up pass, then the measured one.
+    policy: made as PPO makes it (`rollout.make_engine`: pre-fill chunks of 512 tokens, a KV pool for the
+    batch), and with serving.py's settings (chunks of 4096, the pool of 80% of the free memory); a warm-up
+    pass, then the measured one.
   - transformers' `generate` (serving.py's `hf_generate`: random weights of the same shapes, bf16, one static
     batch of all the prompts, greedy with exactly --max-new-tokens tokens).
 The ratios: rollout_vs_engine = PPO's rollout tokens/s over the engine's output tokens/s (what the rollout path
@@ -121,16 +123,25 @@ def iteration_prompts(paths: dict, args) -> list[list[int]]:
     return [ids[i] for i in PromptSchedule(len(records), args.prompts, 0).iteration(1)]
 
 
-def run_engine(paths: dict, prompts: list[list[int]], args, device: str) -> dict:
-    """The engine alone at PPO's batch, made as PPO makes it, every answer exactly max_new_tokens long."""
+def run_engine(paths: dict, prompts: list[list[int]], args, device: str, serving_settings: bool) -> dict:
+    """The engine alone at PPO's batch, every answer exactly max_new_tokens long: made as PPO makes it
+    (`rollout.make_engine`), or with serving.py's settings (pre-fill chunks of 4096 tokens, the pool of 80% of
+    the free memory)."""
     from lmforge.align.rollout import make_engine
+    from lmforge.infer.engine import LLMEngine
     from lmforge.models.checkpoint import load_model
     from lmforge.tokenizer import Tokenizer
 
-    policy = load_model(paths["policy"], device=device, dtype=torch.float32)
-    engine = make_engine(policy, eos_id=Tokenizer(paths["policy"] / "tokenizer.model").eos_id, batch_size=args.prompts,
-                         max_prompts=len(prompts))
-    del policy
+    eos = Tokenizer(paths["policy"] / "tokenizer.model").eos_id
+    if serving_settings:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model = load_model(paths["policy"], device=device, dtype=dtype).eval()
+        engine = LLMEngine(model, eos_id=eos, block_size=16, max_num_batched_tokens=4096, max_num_seqs=args.prompts,
+                           max_waiting=max(1024, len(prompts)))
+    else:
+        policy = load_model(paths["policy"], device=device, dtype=torch.float32)
+        engine = make_engine(policy, eos_id=eos, batch_size=args.prompts, max_prompts=len(prompts))
+        del policy
     outs = [args.max_new_tokens] * len(prompts)
     drive(engine, prompts, outs, None)  # warm-up
     res = drive(engine, prompts, outs, None)
@@ -172,8 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
         free(device)
         print(json.dumps({"case": "ppo", **result["ppo"]}), flush=True)
         prompts = iteration_prompts(paths, args)
-        result["engine"] = run_engine(paths, prompts, args, device)
+        result["engine"] = run_engine(paths, prompts, args, device, serving_settings=False)
         print(json.dumps({"case": "engine", **result["engine"]}), flush=True)
+        result["engine_serving_settings"] = run_engine(paths, prompts, args, device, serving_settings=True)
+        print(json.dumps({"case": "engine_serving_settings", **result["engine_serving_settings"]}), flush=True)
         outs = [args.max_new_tokens] * len(prompts)
         if not args.no_hf:
             dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -181,10 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({"case": "transformers", **result["transformers"]}), flush=True)
     rollout, engine = result["ppo"]["rollout/tokens_per_s"], result["engine"]["output_tok_per_s"]
     result["rollout_vs_engine"] = round(rollout / engine, 3)
+    result["rollout_vs_engine_serving_settings"] = round(rollout / result["engine_serving_settings"]["output_tok_per_s"],
+                                                         3)
     if "transformers" in result:
         result["engine_vs_transformers"] = round(engine / result["transformers"]["output_tok_per_s"], 2)
         result["rollout_vs_transformers"] = round(rollout / result["transformers"]["output_tok_per_s"], 2)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("ppo", "engine", "transformers")}), flush=True)
+    print(json.dumps({k: v for k, v in result.items()
+                      if k not in ("ppo", "engine", "engine_serving_settings", "transformers")}), flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "ppo_iteration.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
