@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({"case": "transformers", **result["transformers"]}), flush=True)
     rollout, engine = result["ppo"]["rollout/tokens_per_s"], result["engine"]["output_tok_per_s"]
     result["rollout_vs_engine"] = round(rollout / engine, 3)
-    result["rollout_vs_engine_serving_settings"] = round(rollout / result["engine_serving_settings"]["output_tok_per_s"],
-                                                         3)
+    serving = result["engine_serving_settings"]["output_tok_per_s"]
+    result["rollout_vs_engine_serving_settings"] = round(rollout / serving, 3)
     if "transformers" in result:
         result["engine_vs_transformers"] = round(engine / result["transformers"]["output_tok_per_s"], 2)
         result["rollout_vs_transformers"] = round(rollout / result["transformers"]["output_tok_per_s"], 2)

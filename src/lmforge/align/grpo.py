@@ -191,7 +191,8 @@ def grpo(
                             loss, parts = grpo_loss(logp, old_logp, ref_logp, advantages[m.rows], mask, grpo, M, n_tok)
                             (W * loss).backward()  # NOTE: * W undoes the ranks' gradient averaging
                             mb_stats.add("loss", loss.item())
-                            mb_stats.add("policy/clip_fraction", (parts["clipped"] & mask).sum().item(), mask.sum().item())
+                            n_mask = mask.sum().item()
+                            mb_stats.add("policy/clip_fraction", (parts["clipped"] & mask).sum().item(), n_mask)
                             mb_stats.add_max("ratio_deviation", ((parts["ratio"] - 1).abs() * mask).max().item())
                             if "kl" in parts:
                                 mb_stats.add("kl_loss", parts["kl"].sum().item(), mask.sum().item())

@@ -188,7 +188,8 @@ def ppo(
     sched_p, sched_c = build_scheduler(opt_p, optim, updates), build_scheduler(opt_c, optim, updates)
     config = {"init_from": init_from, "prompts": prompts, "rollout": rollout, "ppo": ppo, "reward": reward,
               "critic": critic, "train": train, "optim": optim, "run": run, "parallel": parallel}
-    state = harness.TrainState(modules={"policy": policy, "critic": value}, optimizers={"policy": opt_p, "critic": opt_c},
+    state = harness.TrainState(modules={"policy": policy, "critic": value},
+                               optimizers={"policy": opt_p, "critic": opt_c},
                                schedulers={"policy": sched_p, "critic": sched_c},
                                counters={"step": 0, "answers": 0, "answer_tokens": 0})
     job = harness.open_run("ppo", run, config, place, state, train.iterations)
@@ -236,9 +237,9 @@ def ppo(
                             mb_stats.add("loss", loss.item())
                             mb_stats.add("policy/loss", terms["policy"].item())
                             mb_stats.add("value/loss", terms["value"].item())
-                            mb_stats.add("policy/clip_fraction", (terms["clipped"] & mask).sum().item(), mask.sum().item())
-                            mb_stats.add("policy/approx_kl", ((c["logp"] - logp.detach()) * mask).sum().item(),
-                                         mask.sum().item())
+                            n_mask = mask.sum().item()
+                            mb_stats.add("policy/clip_fraction", (terms["clipped"] & mask).sum().item(), n_mask)
+                            mb_stats.add("policy/approx_kl", ((c["logp"] - logp.detach()) * mask).sum().item(), n_mask)
                             mb_stats.add_max("ratio_deviation", ((terms["ratio"] - 1).abs() * mask).max().item())
                         figures = mb_stats.global_figures(dp.group, device)
                         norm_p = harness.clip_gradients(params_p, optim.grad_clip)

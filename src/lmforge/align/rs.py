@@ -140,7 +140,8 @@ def sample_and_score(engine, tokenizer, records: list[dict], prompts: list[int],
     from lmforge.tokenizer.chat import encode_chat
 
     ids = [encode_chat(tokenizer, records[i]["messages"], add_generation_prompt=True).ids for i in prompts]
-    samples = rollout(engine, ids, rollout_cfg.sampling(0, temperature), k, seeds=[seed + q * k for q in range(len(ids))])
+    seeds = [seed + q * k for q in range(len(ids))]
+    samples = rollout(engine, ids, rollout_cfg.sampling(0, temperature), k, seeds=seeds)
     texts = [tokenizer.decode(s.response_ids).strip() for s in samples]
     recs = [records[prompts[s.prompt]] for s in samples]
     scores = selection_scores(selecting, recs, texts).numpy().reshape(-1, k)
@@ -233,7 +234,8 @@ def rs(
 
         def sample() -> dict:
             engine, tok = _engine(model, rollout, len(chosen) * rs.samples, dev, engines)
-            got = sample_and_score(engine, tok, records, chosen, rs.samples, rollout, rollout.temperature, s0, selecting)
+            got = sample_and_score(engine, tok, records, chosen, rs.samples, rollout, rollout.temperature, s0,
+                                   selecting)
             rows, kept = [], []
             for p, idx in enumerate(chosen):
                 scores = np.where(got["nonempty"][p], got["scores"][p], -np.inf)
@@ -273,7 +275,8 @@ def rs(
         def pool() -> dict:
             earlier = [] if rs.pool == "latest" or i == 1 else _read_jsonl(root / f"iteration_{i - 1}" / "pool.jsonl")
             merged = earlier + _read_jsonl(folder / "selected.jsonl")
-            write_jsonl(folder / "pool.jsonl", [{"messages": r["messages"], "iteration": r["iteration"]} for r in merged])
+            write_jsonl(folder / "pool.jsonl",
+                        [{"messages": r["messages"], "iteration": r["iteration"]} for r in merged])
             return {"dialogues": len(merged)}
 
         pooled = stages.run(f"iteration_{i}/pool", pool)

@@ -85,7 +85,8 @@ def test_kill_and_resume_gives_the_uninterrupted_run(rl_world, golden_run, tmp_p
     proc.communicate(timeout=60)
     assert not (run / "model").exists()
     main([*ppo_args(rl_world, run), "--run.resume", "auto"])
-    assert curve(run, ("reward", "loss", "kl", "value/loss")) == curve(golden_run, ("reward", "loss", "kl", "value/loss"))
+    keys = ("reward", "loss", "kl", "value/loss")
+    assert curve(run, keys) == curve(golden_run, keys)
     assert [r["step"] for r in records(run)] == [1, 2, 3]
 
 
