@@ -19,7 +19,7 @@ Run on the device machine (one H100, bf16), from the repository root:
        min_new_tokens=256, do_sample=False), eager dynamic cache and cache_implementation="static"
        (which transformers compiles).
     c  device-to-device copy bandwidth (bytes read + written / time, 1 GiB copies) and the limit
-       tok/s = bandwidth / weight bytes (ANCHORS.md counts all weights, 13.5 GB for Llama-2-7B; the bytes
+       tok/s = bandwidth / weight bytes (the convention of our anchors: all weights, 13.5 GB for Llama-2-7B; the bytes
        really read per token exclude the embedding table, also shown).
     d  Mistral-7B shapes: a random prompt pre-filled in chunks of W = 4096 into the rolling buffer, at 8k,
        16k and 32k tokens: time, peak memory, cache memory (the same at every length: W slots).

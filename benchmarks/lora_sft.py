@@ -18,11 +18,8 @@ longest example, here all of one length), sdpa attention, as its users run it. l
 `lmforge.lora.apply_lora`, per-block torch.compile (`lmforge.parallel.parallelize`) and the fused linear
 cross-entropy of `lmforge.train.linear_ce`.
 
-GAP (issue 21, until the SFT harness lands): the lmforge side calls `lmforge.train.sft.build_sft_step` if it
-exists (expected: `build_sft_step(model, lora=LoraConfig, parallel=ParallelConfig, device=torch.device)` ->
-`step(inputs, targets, loss_mask) -> detached loss`, one optimizer step on one micro-batch of the real
-`lmforge sft` loop); otherwise it times `_standin_step` below, built from the same parts pretrain's loop uses.
-Each row names which one ran ("lmforge-sft" or "lmforge-standin").
+The lmforge side runs `lmforge sft`'s step: `train.lm_step.next_token_backward` on one micro-batch (one example a
+row, so no document mask), clipping of the trainable parameters, AdamW on the adapters.
 
 Every (system, micro-batch) runs in a fresh subprocess, so each peak memory is its own. Warm-up steps (compile,
 allocator growth) are not timed. Prints one table; writes JSON to $OUT/lora_sft.json if OUT is set.
@@ -46,8 +43,9 @@ import tempfile
 import time
 
 import torch
-
-from train_throughput import hf_model  # the same Hugging Face model for the same ModelConfig
+from train_throughput import (
+    hf_model,  # the same Hugging Face model for the same ModelConfig
+)
 
 from lmforge import ModelConfig
 
@@ -73,29 +71,26 @@ def next_token_targets(ids: torch.Tensor, completion: torch.Tensor) -> tuple[tor
     return targets, mask
 
 
-def _standin_step(model, device: torch.device, compile: bool, checkpointing: str):
-    """One LoRA SFT optimizer step on one micro-batch, from the parts `lmforge pretrain` uses (a stand-in for
-    the SFT harness's step; see GAP in the module docstring)."""
+def _sft_step(model, device: torch.device, compile: bool, checkpointing: str):
+    """One LoRA SFT optimizer step on one micro-batch: `lmforge sft`'s step function on the adapted model."""
+    from lmforge.data.loader import Batch
     from lmforge.lora import ALL_TARGETS, LoraConfig, apply_lora
-    from lmforge.parallel import ParallelConfig, parallelize
-    from lmforge.train.evaluate import autocast_context
-    from lmforge.train.linear_ce import linear_cross_entropy
+    from lmforge.parallel import DataParallelRank, ParallelConfig, parallelize
+    from lmforge.train.lm_step import next_token_backward, trainable
 
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS))
     net = parallelize(model, ParallelConfig(mode="none", compile=compile, activation_checkpointing=checkpointing),
                       device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    dp = DataParallelRank()
 
     def step(inputs, targets, mask):
-        with autocast_context(device, "auto"):
-            hidden = net(inputs, return_hidden=True)
-            loss = linear_cross_entropy(hidden, model.output.weight, targets, mask) / mask.sum().clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        batch = Batch(inputs, targets, mask, torch.zeros_like(inputs, dtype=torch.int32))
+        loss = next_token_backward(net, model, [batch], device=device, dp=dp, precision="auto", loss_chunk=4096,
+                                   document_masking=False).loss
+        update(params, opt)
+        return loss
 
     return step
 
@@ -105,18 +100,7 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
 
     with torch.device(device), _base_dtype(device):
         model = Transformer(cfg)  # random init
-    try:
-        from lmforge.train.sft import build_sft_step  # GAP: the SFT harness's step, once it exists
-    except ImportError:
-        system, step = "lmforge-standin", _standin_step(model, device, bool(args.compile), args.checkpointing)
-    else:
-        from lmforge.lora import ALL_TARGETS, LoraConfig
-        from lmforge.parallel import ParallelConfig
-
-        system = "lmforge-sft"
-        parallel = ParallelConfig(compile=bool(args.compile), activation_checkpointing=args.checkpointing)
-        step = build_sft_step(model, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL_TARGETS), parallel=parallel,
-                              device=device)
+    system, step = "lmforge-sft", _sft_step(model, device, bool(args.compile), args.checkpointing)
     ids, completion = sft_data(args.examples, args.seq_len, cfg.vocab_size)
     B, n = args.micro_batch, args.examples // args.micro_batch
     times, losses = [], []
@@ -131,6 +115,26 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"system": system, "step_s": sum(times) / len(times), "loss": float(losses[-1])}
+
+
+def update(params, opt) -> None:
+    """The end of every lmforge step here, as in the verbs' loops: clip at 1.0, AdamW, zero the gradients."""
+    from lmforge.parallel import clip_grad_norm_
+
+    clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def trl_arguments(args, device: torch.device, out: str, lr: float, weight_decay: float, **extra) -> dict:
+    """The TrainingArguments every TRL side shares: the micro-batch, warm-up + timed steps, a constant lr,
+    fused AdamW, clipping at 1.0, bf16 autocast on CUDA, no saving, logging or workers."""
+    return dict(output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+                max_steps=args.warmup + args.steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=weight_decay, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+                max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda",
+                logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none",
+                dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
 
 
 def ids_tokenizer(pad_token: str = "</s>"):
@@ -177,16 +181,10 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
     dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": completion.int().tolist()})
     timer = step_timer(device, args.warmup)
     with tempfile.TemporaryDirectory() as out:
-        sft_args = trl.SFTConfig(
-            output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.0, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", max_grad_norm=1.0,
-            bf16=device.type == "cuda", use_cpu=device.type != "cuda",
-            gradient_checkpointing=args.checkpointing == "full",
-            gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=args.seq_len, packing=False,
-            padding_free=False, completion_only_loss=True, logging_steps=args.warmup + args.steps,
-            save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        )
+        sft_args = trl.SFTConfig(**trl_arguments(args, device, out, LR, weight_decay=0.0),
+                                 gradient_checkpointing=args.checkpointing == "full",
+                                 gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=args.seq_len,
+                                 packing=False, padding_free=False, completion_only_loss=True)
         peft_config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS,
                                       bias="none", task_type="CAUSAL_LM")
         trainer = trl.SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,

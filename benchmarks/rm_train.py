@@ -42,7 +42,17 @@ import time
 import torch
 
 # the TRL-side helpers and the process-per-measurement driver of the LoRA SFT benchmark
-from lora_sft import _sync, add_grid_arguments, as_worker, ids_tokenizer, run_grid, step_timer, write_rows
+from lora_sft import (
+    _sync,
+    add_grid_arguments,
+    as_worker,
+    ids_tokenizer,
+    run_grid,
+    step_timer,
+    trl_arguments,
+    update,
+    write_rows,
+)
 
 from lmforge import ModelConfig
 
@@ -71,7 +81,7 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
     from lmforge.align.preference_data import PairBatch
     from lmforge.align.rm import ranking_backward
     from lmforge.data.loader import Batch
-    from lmforge.parallel import DataParallelRank, ParallelConfig, clip_grad_norm_, parallelize
+    from lmforge.parallel import DataParallelRank, ParallelConfig, parallelize
     from lmforge.train.lm_step import next_token_backward
 
     reward = args.worker == "rm"
@@ -97,9 +107,7 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
                           torch.zeros_like(rows[:, 1:], dtype=torch.int32))
             loss = next_token_backward(net, model, [batch], device=device, dp=dp, precision="auto", loss_chunk=4096,
                                        document_masking=False).loss
-        clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(params, opt)
         return loss
 
     times, loss = [], float("nan")
@@ -127,14 +135,9 @@ def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
     dataset = datasets.Dataset.from_dict({"chosen_ids": ids[:, 0].tolist(), "rejected_ids": ids[:, 1].tolist()})
     timer = step_timer(device, args.warmup)
     with tempfile.TemporaryDirectory() as out:
-        config = trl.RewardConfig(
-            output_dir=out, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.1, adam_beta2=0.95, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-            max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type != "cuda", max_length=args.seq_len,
-            logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none", dataloader_num_workers=0,
-            disable_tqdm=True, seed=0,
-        )
+        config = trl.RewardConfig(**trl_arguments(args, device, out, LR, weight_decay=0.1, adam_beta2=0.95),
+                                  gradient_checkpointing=bool(args.trl_checkpointing),  # TRL's default: True
+                                  max_length=args.seq_len)
         trainer = trl.RewardTrainer(model=model, args=config, train_dataset=dataset,
                                     processing_class=ids_tokenizer(pad_token="<unk>"), callbacks=[timer])
         result = trainer.train()
@@ -160,10 +163,11 @@ def worker(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_arguments(ap, ["rm", "pretrain", "trl"], micro_batches="8", seq_len=1024)  # pairs; tokens per answer
+    ap.add_argument("--trl_checkpointing", type=int, default=0, help="TRL: gradient checkpointing (its default: 1)")
     args = ap.parse_args()
     if as_worker(args, worker):
         return
-    rows = run_grid(__file__, args, [])
+    rows = run_grid(__file__, args, ["--trl_checkpointing", str(args.trl_checkpointing)])
     print(f"\n{'system':18s} {'pairs':>5s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
     for r in rows:
         figures = r.get("error", "")[:300] or (f"{r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {r['peak_gib']:9.1f} "

@@ -7,10 +7,10 @@ Run on the device machine (one H100), from the repository root:
     PYTHONPATH=src python3 benchmarks/train_throughput.py --quick         # tiny shapes, CPU smoke test
 
 Both systems train pure-bf16 parameters with fused AdamW (lr 3e-4, betas 0.9/0.95, wd 0.1) and gradient
-clipping at 1.0 (ANCHORS.md). lmforge uses its real training parts: `parallelize` (torch.compile per block),
+clipping at 1.0 (the anchors' training setting). lmforge uses its real training parts: `parallelize` (torch.compile per block),
 the chunked cross-entropy over the final hidden states, and FlexAttention for the sliding window.
 
-MFU = tokens/s * (6 N + 12 L d T) / 989e12, N the parameters without the input embedding (ANCHORS.md); for the
+MFU = tokens/s * (6 N + 12 L d T) / 989e12, N the parameters without the input embedding; for the
 MoE slice N counts the active parameters. Prints one table; writes JSON to $OUT/train_throughput.json if set.
 """
 

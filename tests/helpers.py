@@ -70,7 +70,7 @@ def run_benchmark_quick(script: str, tmp_path, result: str) -> list[dict]:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(root / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--quick"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

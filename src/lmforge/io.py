@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -68,8 +69,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of an earlier crashed write: only names this function makes (mkdtemp's 8 characters, or the
+    # old copy's pid), never another folder that merely starts with NAME.tmp-
+    ours = re.compile(re.escape(path.name) + r"\.tmp-(old-\d+|[a-z0-9_]{8})")
     for stale in path.parent.glob(f"{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if ours.fullmatch(stale.name) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp

@@ -44,7 +44,9 @@ def test_golden_losses_an_exact_resume_and_the_reference_computed_once(tiny_fold
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read back, not recomputed by the moved policy
     got = losses(run)
     assert got[0] == pytest.approx(LN2, abs=1e-6)
-    assert got == pytest.approx(GOLDEN, rel=1e-5)
+    # NOTE: abs 2e-6 beside rel 1e-5: float32 rounding scales with the step's first loss (ln 2), not with a late
+    # loss near 0 (0.038 differs by 7.5e-7 between torch 2.11 and 2.13); a wrong step moves a loss by far more.
+    assert got == pytest.approx(GOLDEN, rel=1e-5, abs=2e-6)
     record = read_step_metrics(run / "metrics.jsonl")
     # at step 1 every implicit reward is 0 up to rounding (the cache's batches pad differently from the step's)
     assert abs(record[0]["reward_margin"]) < 1e-5 and record[-1]["reward_accuracy"] > 0.5

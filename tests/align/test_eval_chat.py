@@ -146,7 +146,7 @@ def test_engine_answers_are_greedy_generation(tiny):
 
 def _greedy_answers(model, tok, records, sampling):
     prompts = [encode_chat(tok, r["messages"], add_generation_prompt=True).ids for r in records]
-    return [tok.decode([t for t in g.token_ids if t != tok.eos_id]).strip()
+    return [tok.decode([t for t in g.token_ids if t != tok.eos_id])
             for g in generate(model, tok, prompts, sampling)]
 
 

@@ -28,4 +28,4 @@ def test_two_fsdp_ranks_give_the_single_process_losses(verb, tiny_folders, pair_
            *args, "--parallel.mode", "fsdp"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert losses(tmp_path / "run") == pytest.approx(module.GOLDEN, rel=1e-5)
+    assert losses(tmp_path / "run") == pytest.approx(module.GOLDEN, rel=1e-5, abs=2e-6)  # test_dpo.py: NOTE

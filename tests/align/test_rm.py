@@ -99,7 +99,8 @@ def test_micro_batches_and_both_answers_in_one_forward_give_the_step_of_the_whol
         assert stats.loss == pytest.approx(results[0][0].loss, rel=1e-6)
         assert stats.accuracy == results[0][0].accuracy
         for name, g in grads.items():
-            torch.testing.assert_close(g, results[0][1][name], rtol=1e-5, atol=1e-7)
+            # atol 1e-6: summing micro-batches in another order rounds gradients of O(1e-2) by O(1e-7)
+            torch.testing.assert_close(g, results[0][1][name], rtol=1e-5, atol=1e-6)
     assert results[0][1]["reward_head.weight"].abs().max() > 1e-3  # a real gradient was compared
 
 

@@ -90,6 +90,18 @@ def test_bad_input_is_one_clear_line(folder, capsys, args, message):
     assert pytest.importorskip("re").search(message, err[-1])
 
 
+def test_an_existing_output_file_is_kept_unless_overwrite(folder, tmp_path, capsys):
+    out = tmp_path / "answers.txt"
+    out.write_text("the user's notes\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(folder), "--prompts", "hi", *GREEDY, "--output", str(out)])
+    assert exit_info.value.code == 2 and "--overwrite true" in capsys.readouterr().err
+    assert out.read_text() == "the user's notes\n"
+    main(["generate", str(folder), "--prompts", "hi", *GREEDY, "--output", str(out), "--overwrite", "true"])
+    tok = Tokenizer(tiny_tokenizer_path())
+    assert out.read_text() == _expected(tok.encode("hi", bos=True)).text + "\n"
+
+
 def test_chat_reads_stdin_and_keeps_the_dialogue(folder, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhow are you\n/reset\nhello\n"))
     main(["chat", str(folder), "--system", "You are terse.", *GREEDY])

@@ -14,6 +14,6 @@ pytest.importorskip("trl")
 def test_lora_sft_benchmark_quick(tmp_path):
     rows = run_benchmark_quick("lora_sft.py", tmp_path, "lora_sft.json")
     assert [r.get("error") for r in rows] == [None, None], rows
-    assert rows[0]["system"] in ("lmforge-standin", "lmforge-sft")  # -sft once the harness has build_sft_step
+    assert rows[0]["system"] == "lmforge-sft"
     assert rows[1]["system"].startswith("trl-")
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in rows)

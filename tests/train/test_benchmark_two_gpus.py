@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_gpus_quick(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "two_gpus.py"), "--quick", "--profile-7b",
                            "--tp-profile", "--work", str(tmp_path / "work")],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -136,3 +136,18 @@ def test_data_folders_resume_in_their_own_folder_and_replace_another_verbs_only_
     assert snapshot(model) == before
     write(model, True, fx, capsys)
     assert (model / "manifest.json").is_file() and not (model / "config.json").exists()
+
+
+def test_a_replacement_removes_only_its_own_leftovers(tmp_path):
+    """atomic_dir clears the temporary folders of an earlier crashed write (its own names), never a folder of the
+    user's that merely starts with NAME.tmp-."""
+    from lmforge.io import atomic_dir
+
+    (tmp_path / "model.tmp-abcd1234").mkdir()  # mkdtemp's pattern: a crashed write's leftover
+    (tmp_path / "model.tmp-old-4242").mkdir()
+    (tmp_path / "model.tmp-my-notes").mkdir()  # the user's
+    (tmp_path / "model.tmp-my-notes" / "notes.txt").write_text("keep")
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp-my-notes"]
+    assert (tmp_path / "model.tmp-my-notes" / "notes.txt").read_text() == "keep"

@@ -112,6 +112,7 @@ def generate_cli(
     system: str | None = None,
     format: Literal["text", "jsonl"] = "text",
     output: Path | None = None,
+    overwrite: bool = False,
     batch_size: int = 8,
     prefill_chunk: int | None = None,
     decode_mode: DecodeMode = "eager",
@@ -132,7 +133,9 @@ def generate_cli(
         system: system message for --chat prompts.
         format: "text" (the completions, streamed when there is one prompt) or "jsonl" (one JSON object per
             prompt: index, prompt, text, token_ids, finish_reason, and logprobs when asked).
-        output: write to this file (atomically) instead of standard output.
+        output: write to this file (atomically) instead of standard output; an existing file is kept unless
+            --overwrite true.
+        overwrite: replace an existing --output file.
         batch_size: prompts generated together.
         prefill_chunk: pre-fill chunk size (default: the window of a sliding-window model, else the prompt).
         decode_mode: eager, compile, cuda_graph or compile+cuda_graph (the graph modes need CUDA).
@@ -146,6 +149,8 @@ def generate_cli(
 
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+    if output is not None and Path(output).exists() and not overwrite:
+        raise GenerationError(f"--output {output} exists; pass --overwrite true to replace it")
     items = _read_prompts(prompts, prompt_file)
     rank = _join_tensor_parallel(tensor_parallel, device)  # before loading, so "cuda" means this rank's GPU
     net, tok = _load(model, tokenizer, device, dtype)

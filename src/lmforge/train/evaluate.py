@@ -1,10 +1,10 @@
-"""Validation loss and perplexity: used during pre-training and by `lmforge eval`.
+"""Validation loss and perplexity: used during pre-training and by `lmforge eval loss`.
 
     loss = sum of -log p(target) over the masked positions of the batches / number of those positions
     perplexity = exp(loss)
 
 The same samples every time (the split in order, each sample at most once), so successive validations of a
-run compare, and a validation over the whole split equals `lmforge eval` of the same model.
+run compare, and a validation over the whole split equals `lmforge eval loss` of the same model.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def evaluate(
     precision: Literal["auto", "bf16", "fp32"] = "auto",
     document_masking: bool = False,
 ) -> dict:
-    """Loss and perplexity of a model on one split of token shards (`lmforge eval`).
+    """Loss and perplexity of a model on one split of token shards (`lmforge eval loss`).
 
     Reads every sample of the split once, in order (the samples of PackedLoader: seq_len tokens each, the
     stream's tail shorter than one sample left out), unless max_batches stops it earlier.

@@ -4,7 +4,7 @@ Every record goes to `metrics.jsonl` (one JSON object per line: `{"step": ..., "
 step, `{"step": ..., "event": "loss_spike", ...}` for an event) and to TensorBoard; Weights & Biases only when
 a project is named and the package is installed. Only rank 0 writes.
 
-MFU (REFERENCE.md section 3; the PaLM / torchtitan convention):
+MFU (the PaLM / torchtitan convention, which Llama 2's training figures follow):
 
     flops per token = 6 N + 12 L d T       N parameters excluding the input embedding (for a mixture of
                                            experts, those one token uses), L layers, d width, T sequence
@@ -13,7 +13,7 @@ MFU (REFERENCE.md section 3; the PaLM / torchtitan convention):
 The attention term is not halved for causality. Worked example, TinyLlama-1.1B shapes (22 layers of 44.04M
 plus the 65.5M output projection: N = 1.0345e9; L = 22, d = 2048, T = 2048): 6 N = 6.21e9 plus
 12 L d T = 1.11e9 is 7.31e9 FLOPs per token; 49.5k tokens/s on one H100 is 3.62e14 FLOP/s = 36.6% of 989e12
-(ANCHORS.md).
+(the H100's dense bf16 peak).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ keys, which are exactly the k / v just computed: "padded" then calls causal SDPA
 
 Each layer first writes the new k / v at `slot_mapping`, then attends; the mask is always
 `lmforge.models.attention.allowed_mask` on positions, so the causal / window rule lives in one place. Two
-implementations compute the same function (STYLE.md item 6, tests/infer/engine/test_engine_paged_attention.py):
+implementations compute the same function (a slow obvious reference beside each fast path,
+tests/infer/engine/test_engine_paged_attention.py):
 
     "reference"  one dense (N, sum K_s) attention over the packed batch; a query sees only its own sequence's
                  keys (the sequence index acts as a document id). Explicit softmax; slow, obvious.

@@ -1,4 +1,5 @@
-"""Continuous batching: which sequences compute how many tokens in the next step (STYLE.md item 13).
+"""Continuous batching: which sequences compute how many tokens in the next step (one concept per file: the
+scheduler only decides; the engine runs what it decides).
 
 Notation: budget = `max_num_batched_tokens` (tokens one forward pass may carry), n - c a sequence's tokens
 still to compute (see `sequence.py`), bs the block size.

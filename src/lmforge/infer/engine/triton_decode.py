@@ -67,7 +67,9 @@ def _build():
         r, d = tl.arange(0, R_PAD), tl.arange(0, D)
         heads = j * R + r  # the query heads of kv head j
         q = tl.load(Q + g * sq_g + heads[:, None] * sq_h + d[None, :], mask=(r < R)[:, None], other=0.0)
-        q = q.to(tl.float32) * scale  # (R_PAD, D)
+        # NOTE: .to after the product: under torch.compile `scale` arrives as a float64 scalar, which would make
+        # the loop's running max float64 (Triton refuses a loop-carried variable that changes type)
+        q = (q.to(tl.float32) * scale).to(tl.float32)  # (R_PAD, D)
         m = tl.full((R_PAD,), -1e30, tl.float32)
         l = tl.zeros((R_PAD,), tl.float32)
         acc = tl.zeros((R_PAD, D), tl.float32)
