@@ -34,6 +34,15 @@ STAGES = ["round_0/eval", "round_1/preferences", "round_1/preference_pool", "rou
           "round_1/rm_safety", "round_1/rm_eval", "round_1/rs", "round_1/ppo", "round_1/eval"]
 
 
+# Pinned on the 2-core dev machine (torch 2.13 CPU, fp32; rtol 1e-5): the losses of round 1's training stages
+# (both reward models' 2 steps, RS's 2 SFT steps, PPO's one iteration) and the reward models' held-out accuracy.
+# They move with the sampled pairs, the oracle's labels, the pool, the mixes, the gate and each verb's loss.
+GOLDEN_LOSSES = {"rm_helpfulness": [0.6932090520858765, 0.69133460521698],
+                 "rm_safety": [0.6931883096694946, 0.6935104131698608],
+                 "rs/iteration_1/sft": [6.376021385192871, 5.430384635925293], "ppo": [-0.0016221674159169197]}
+GOLDEN_RM_ACCURACY = {"rm/helpfulness_accuracy": 5 / 18, "rm/safety_accuracy": 13 / 18}
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("recipe") / "rlhf.yaml"
@@ -67,6 +76,9 @@ def golden_run(rl_world, recipe, tmp_path_factory):
 
 def test_one_round_runs_every_stage_each_fed_by_the_one_before(golden_run):
     assert ledger(golden_run) == STAGES
+    table, losses = figures(golden_run)
+    assert losses == {k: pytest.approx(v, rel=1e-5) for k, v in GOLDEN_LOSSES.items()}
+    assert {k: table[1][k] for k in GOLDEN_RM_ACCURACY} == pytest.approx(GOLDEN_RM_ACCURACY)
     r1 = golden_run / "round_1"
     table = json.loads((golden_run / "rounds.json").read_text())
     assert [row["round"] for row in table] == [0, 1]
