@@ -51,22 +51,30 @@ def export_hf(model: Transformer, path: str | Path, *, tokenizer_path: str | Pat
 def convert(
     src: str,
     dst: str,
-    to: Literal["lmforge", "hf"] = "lmforge",
+    to: Literal["lmforge", "hf", "peft"] = "lmforge",
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Convert a checkpoint folder between our format, Hugging Face and Meta / Mistral.
+    """Convert a checkpoint folder between our format, Hugging Face and Meta / Mistral; an adapter folder
+    (LoRA training's RUN/adapter) exports merged into its base, or as a peft adapter (`lmforge lora export`).
 
     Args:
         src: our folder, a Hugging Face Llama / Mistral / Mixtral folder, or a Meta folder (params.json +
             consolidated.*.pth); a reward model (ours, or a *ForSequenceClassification) converts too.
         dst: output folder: missing, empty, or one lmforge wrote (then --overwrite true replaces it); a
             folder with anything else in it is refused. Written under a temporary name, renamed when complete.
-        to: "lmforge" (our safetensors format) or "hf" (a folder transformers and vLLM load).
+        to: "lmforge" (our safetensors format), "hf" (a folder transformers and vLLM load), or, for an adapter
+            folder only, "peft" (adapter_config.json + adapter_model.safetensors for the base's "hf" export).
         dtype: cast the weights; default keeps the source dtype.
         overwrite: replace DST if it is an earlier lmforge output.
     """
     src_path, dst_path = Path(src), Path(dst)
+    if (src_path / "adapter.safetensors").is_file():  # an adapter folder (lmforge.lora.save_lora)
+        from lmforge.lora_export import export_lora
+
+        return export_lora(src_path, dst_path, to=to, dtype=dtype, overwrite=overwrite)
+    if to == "peft":
+        raise ValueError(f"--to peft exports an adapter folder (config.json + adapter.safetensors); {src} is not one")
     claim_output_dir(dst_path, overwrite)  # before loading: a refusal should not wait for the weights
     torch_dtype = getattr(torch, dtype) if dtype else None
     with tqdm(total=2, desc=f"convert -> {to}", unit="step") as bar:

@@ -43,7 +43,7 @@ def test_peft_adapter_on_the_hf_base_gives_our_logits(preset, cfg, tmp_path, cap
 
     ours = _trained(tmp_path, preset, cfg)
     save_hf_folder(load_model(tmp_path / "base"), tmp_path / "hf")
-    export_lora(tmp_path / "adapter", tmp_path / "peft", to="peft")
+    main(["convert", str(tmp_path / "adapter"), str(tmp_path / "peft"), "--to", "peft"])  # = lmforge lora export
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8 and adapter_config["peft_type"] == "LORA"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
@@ -81,6 +81,8 @@ def test_merged_exports_give_the_adapter_logits(preset, tmp_path):
         export_lora(tmp_path / "adapter", tmp_path / "merged-hf", to="hf", base=tmp_path / "base")
         assert json.loads((tmp_path / "merged-hf" / "config.json").read_text())["architectures"][0].endswith("CausalLM")
         assert_logits_close(load_model(tmp_path / "merged-hf")(x), expected)
+        main(["convert", str(tmp_path / "adapter"), str(tmp_path / "converted")])  # convert takes adapter folders too
+        assert_logits_close(load_model(tmp_path / "converted")(x), expected)
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):
@@ -92,6 +94,7 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         (["lora", "export", str(tmp_path / "adapter"), str(tmp_path / "x"), "--base", str(other)],
          "was trained on other base weights"),
         (["lora", "export", str(tmp_path / "adapter"), str(tmp_path / "base")], "holds an earlier lmforge output"),
+        (["convert", str(tmp_path / "base"), str(tmp_path / "x"), "--to", "peft"], "exports an adapter folder"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(argv)
