@@ -209,7 +209,8 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(tmp_path, tokenizer_p
 
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:
-                body = {"model": MODEL, "prompt": "the", "max_tokens": 100, "ignore_eos": True, "stream": True}
+                body = {"model": MODEL, "prompt": "the", "max_tokens": 100, "ignore_eos": True, "stream": True,
+                        "logprobs": 0}  # each chunk lists its tokens: a chunk can carry several
                 started = asyncio.Event()
                 counts = []
 
@@ -220,7 +221,7 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(tmp_path, tokenizer_p
                         async for line in r.aiter_lines():
                             if line.startswith("data: {"):
                                 choice = json.loads(line[6:])["choices"][0]
-                                n += 1
+                                n += len(choice["logprobs"]["tokens"]) if choice["logprobs"] else 0
                                 finish = choice["finish_reason"] or finish
                                 started.set()
                     counts.append((n, finish))

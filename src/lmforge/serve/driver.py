@@ -43,22 +43,42 @@ class RequestStream:
     def __init__(self):
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.pending: set[str] = set()
+        self._error: BaseException | None = None  # met by ready(), raised by the next __anext__
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> RequestOutput:
         while self.pending:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                self.pending.clear()
-                raise item
-            if item.request_id not in self.pending:
-                continue  # an output of a request aborted after it was queued
-            if item.finished:
-                self.pending.discard(item.request_id)
-            return item
+            item = await self.queue.get() if self._error is None else self._error
+            out = self._accept(item)
+            if out is not None:
+                return out
         raise StopAsyncIteration
+
+    def ready(self) -> list[RequestOutput]:
+        """The outputs already delivered, taken without waiting: a consumer that fell behind the engine (many
+        streams on one event loop) turns several steps' outputs into one chunk instead of one chunk each."""
+        outs: list[RequestOutput] = []
+        while self.pending and self._error is None and not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._error = item  # after the outputs before it
+            elif (out := self._accept(item)) is not None:
+                outs.append(out)
+        return outs
+
+    def _accept(self, item: RequestOutput | BaseException) -> RequestOutput | None:
+        """The output to hand on (None for one of an aborted request); raises a delivered error."""
+        if isinstance(item, BaseException):
+            self._error = None
+            self.pending.clear()
+            raise item
+        if item.request_id not in self.pending:
+            return None  # an output of a request aborted after it was queued
+        if item.finished:
+            self.pending.discard(item.request_id)
+        return item
 
 
 class EngineDriver:

@@ -138,22 +138,35 @@ class Generation:
             raise
 
     async def updates(self) -> AsyncIterator[tuple[int, ChoiceUpdate]]:
+        """(choice index, update) in step order. The outputs already waiting are taken with the awaited one and
+        merged per choice (`RequestStream.ready`), so a busy event loop sends fewer, longer chunks."""
         index = {rid: i for i, rid in enumerate(self.ids)}
         try:
             async for out in self.stream:
-                i = index[out.request_id]
-                decoder, timing = self.decoders[i], self.timings[i]
-                now = time.monotonic()
-                if out.new_token_ids:
-                    timing.first = timing.first or now
-                    timing.last = now
-                update = decoder.feed(out)
-                if decoder.stopped_by_string and out.request_id in self.stream.pending:
-                    self.driver.abort(out.request_id)
-                if update.text or update.tokens or update.finish_reason:
+                for i, update in self._feed(index, [out, *self.stream.ready()]):
                     yield i, update
         finally:
             self.abort()
+
+    def _feed(self, index: dict[str, int], outs: list[RequestOutput]) -> list[tuple[int, ChoiceUpdate]]:
+        """Feed outputs to their choices' decoders: one merged update per choice that has news, in the order of
+        each choice's first output."""
+        merged: dict[int, ChoiceUpdate] = {}
+        now = time.monotonic()
+        for out in outs:
+            i = index[out.request_id]
+            decoder, timing = self.decoders[i], self.timings[i]
+            if out.new_token_ids:
+                timing.first = timing.first or now
+                timing.last = now
+            update = decoder.feed(out)
+            if decoder.stopped_by_string and out.request_id in self.stream.pending:
+                self.driver.abort(out.request_id)
+            m = merged.setdefault(i, ChoiceUpdate())
+            m.text += update.text
+            m.tokens += update.tokens
+            m.finish_reason = update.finish_reason or m.finish_reason
+        return [(i, m) for i, m in merged.items() if m.text or m.tokens or m.finish_reason]
 
     def abort(self) -> None:
         """Abort every choice whose engine request is still running."""
