@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--decode-paths", default=None,
                     help="engine decode paths to run (a) with, comma-separated: packed, eager, cuda_graph, compile, "
                          "each optionally /sdpa, /fused or /triton for its attention (else the engine's default: "
-                         "fused on CUDA) and +sync (no overlap of host work with the GPU) or +unfused (no fused "
+                         "triton on CUDA) and +sync (no overlap of host work with the GPU) or +unfused (no fused "
                          "projections), e.g. compile/triton or cuda_graph/fused+sync+unfused (the engine before "
                          "issue 16, but for its sampling) (default: cuda_graph on CUDA, packed on the CPU); (b) uses "
                          "the first")

@@ -127,7 +127,7 @@ class LLMEngine:
             decode_graphs.py); default: "cuda_graph" on CUDA without tensor parallelism, else "packed".
         decode_attention: attention of those static-shape steps: "sdpa" (gather the keys, then SDPA), "fused"
             (compiled kernels that read the keys in place; decode_graphs.py) or "triton" (our paged kernel,
-            triton_decode.py); default: "fused" on CUDA, else "sdpa".
+            triton_decode.py); default: "triton" on CUDA, else "sdpa".
         check_invariants: assert the block manager's invariants after every schedule (tests).
         overlap: queue each step before reading the previous step's sampled ids, so that the host's work
             (book-keeping, scheduling, preparing the inputs) runs while the GPU computes (module docstring);

@@ -47,7 +47,8 @@ class ModelRunner:
     Inductor and captured in CUDA graphs; None picks "cuda_graph" on CUDA without tensor parallelism, else
     "packed". The static-shape steps sample inside their graph (`run`).
     decode_attention: "sdpa", "fused" or "triton" for the static-shape steps (`DecodeGraphs`); None picks
-    "fused" on CUDA (measured faster than "sdpa": benchmarks/RESULTS.md, serving (a)), else "sdpa".
+    "triton" on CUDA (measured faster than "fused", which is faster than "sdpa": benchmarks/RESULTS.md, serving
+    (a) and (b)), else "sdpa".
     impl: the packed steps' attention (paged_attention.py); None picks "varlen" (one flash call per layer) on
     CUDA in bf16 / fp16, else "padded"."""
 
@@ -74,7 +75,7 @@ class ModelRunner:
         self.decode = None
         if decode_path != "packed" and impl != "reference":
             if decode_attention is None:
-                decode_attention = "fused" if self.device.type == "cuda" else "sdpa"
+                decode_attention = "triton" if self.device.type == "cuda" else "sdpa"
             mode = "eager" if decode_path == "eager" else "cuda_graph"
             backend = "inductor" if decode_path == "compile" else None
             self.decode = DecodeGraphs(model, self.pool, self.config.sliding_window, mode, decode_attention,
