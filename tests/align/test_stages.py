@@ -14,7 +14,7 @@ from lmforge.train.config import RunConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "world"
 STAGES = {"gatt.yaml": ["gatt", "MODEL"], "distill.yaml": ["distill-safety", "MODEL"],
-          "eval_gatt.yaml": ["eval", "gatt", "[A,B]"]}
+          "eval_gatt.yaml": ["eval", "gatt", "[A,B]"], "ppo.yaml": ["ppo", "MODEL"]}
 
 
 def _leaves(tree: dict, prefix: str = ""):
