@@ -14,6 +14,13 @@ Rows (per stage, every per-seed figure printed, then the verdicts; --json writes
     sft   held-out task accuracy (higher is better) and violation rate (lower), the pre-trained model against
           the SFT model; gates beside it: each task family's held-out accuracy after SFT in [25%, 75%], and
           the train / held-out accuracy gap under 10 points.
+    rl    on the held-out sets, the SFT model against each RL stage from it (configs/world/{rs,ppo,grpo}.yaml;
+          the world oracle stands in for both reward models in Llama 2's gate, GRPO uses the world's checker):
+          rejection sampling's held-out oracle helpfulness (greedy, K = 1 at answer time) beats SFT; the oracle
+          score of the answer the gate selects rises with K (every seed, K = 1..4, RS's diagnostics); PPO and
+          GRPO each beat SFT on held-out oracle helpfulness, their last iteration's KL to the start printed
+          beside; PPO with the Safety RM taken out of the gate (--reward.safety null) has a higher held-out
+          violation rate than PPO with it, by the gain rule.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lmforge.align.pipeline import WorldPipeline, gain_holds, headline  # noqa: E402
+from lmforge.align.pipeline import HELDOUT_SETS, WorldPipeline, gain_holds, headline  # noqa: E402
 
 FAMILIES = ("arithmetic", "lists", "facts", "counting")
+RL_STAGES = {"rs": ("rs", ()), "ppo": ("ppo", ()), "grpo": ("grpo", ()),
+             "ppo-no-safety": ("ppo", ("--reward.safety", "null"))}  # name: (verb, extra flags)
 
 
 def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit: int | None) -> dict:
@@ -41,6 +50,18 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
         out["before sft"] = headline(p.evaluate(p.root / "pretrain" / "model", "pretrained"))
         p.sft()
         out["after sft"] = headline(p.evaluate(p.root / "sft" / "model", "sft"))
+    if "rl" in stages:
+        from lmforge.align.rlhf import last_figures
+
+        p.sft()
+        out["sft"] = headline(p.evaluate(p.root / "sft" / "model", "sft"))
+        for name, (verb, extra) in RL_STAGES.items():
+            model = p.rl(verb, name, extra=extra)
+            out[name] = headline(p.evaluate(model, name, sets=HELDOUT_SETS))
+            if verb != "rs":
+                out[name]["kl"] = last_figures(p.root / name)["kl"]
+        diagnostics = json.loads((p.root / "rs" / "iteration_1" / "diagnostics.json").read_text())
+        out["rs"]["oracle_of_selected_by_k"] = diagnostics["best_of_n"]["oracle_of_selected"]
     out["times"] = p.times
     return out
 
@@ -65,6 +86,25 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
         ok = all(abs(g) < 0.10 for g in gaps)
         rows.append({"stage": "sft", "figure": "train - held-out task accuracy < 10 points", "after": gaps,
                      "holds": ok, "why": "every seed under 10 points" if ok else "a seed at 10 points or more"})
+    if "rl" in stages:
+        def figure(stage: str, key: str) -> list[float]:
+            return [per_seed[s][stage][key] for s in seeds]
+
+        for name in ("rs", "ppo", "grpo"):
+            ok, why = gain_holds(figure("sft", "helpfulness"), figure(name, "helpfulness"), True)
+            if name != "rs":
+                why += "; KL " + " / ".join(f"{k:.3f}" for k in figure(name, "kl"))
+            rows.append({"stage": name, "figure": "held-out oracle helpfulness", "before": figure("sft", "helpfulness"),
+                         "after": figure(name, "helpfulness"), "holds": ok, "why": why})
+        curves = figure("rs", "oracle_of_selected_by_k")
+        ok = all(all(b > a for a, b in zip(c, c[1:])) for c in curves)
+        rows.append({"stage": "rs", "figure": "oracle score of the selected answer, K = 1..4, rises",
+                     "after": [c[-1] - c[0] for c in curves], "holds": ok,
+                     "why": "; ".join(" ".join(f"{v:.3f}" for v in c) for c in curves)})
+        ok, why = gain_holds(figure("ppo", "violation_rate"), figure("ppo-no-safety", "violation_rate"), True)
+        rows.append({"stage": "ppo", "figure": "violation rate, Safety RM out of the gate (before: in)",
+                     "before": figure("ppo", "violation_rate"), "after": figure("ppo-no-safety", "violation_rate"),
+                     "holds": ok, "why": why})
     return rows
 
 
@@ -75,7 +115,7 @@ def fmt(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft"])
+    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "rl"])
     ap.add_argument("--root", type=Path, default=Path("runs/world-gains"))
     ap.add_argument("--configs", type=Path, default=Path("configs/world"))
     ap.add_argument("--eval-limit", type=int, default=None, help="prompts per set (default: all)")
@@ -95,7 +135,7 @@ def main() -> None:
     print(f"\nseeds {args.seeds}, figures in percent, per seed (seed {' / '.join(map(str, args.seeds))}):")
     for r in rows:
         before = f"before {fmt(r['before'])}  " if "before" in r else ""
-        print(f"  {r['stage']:5} {r['figure']:44} {before}after {fmt(r['after'])}   {r['why']}")
+        print(f"  {r['stage']:5} {r['figure']:54} {before}after {fmt(r['after'])}   {r['why']}")
     print(f"\nall held: {all(r['holds'] for r in rows)}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "per_seed": per_seed, "rows": rows}, indent=1))

@@ -14,6 +14,8 @@ starts with that command) and this run's paths and seed on the command line afte
                [--distill.safety_rm RM]   (targeted into ROOT/distill-targeted, untargeted into ROOT/distill)
     eval gatt  lmforge eval gatt [ROOT/sft/model,ROOT/gatt/model] --config configs/world/eval_gatt.yaml ...
     redteam    lmforge redteam --models [...] --world ROOT/world --out_dir ROOT/eval/redteam
+    rs, ppo,   lmforge rs | ppo | grpo ROOT/sft/model --config configs/world/<verb>.yaml
+    grpo         --prompts.files [ROOT/world/rlhf_prompts.jsonl] --run.dir ROOT/<verb>
 
 Evaluations answer the world's prompt sets through `LLMEngine` (greedy) and score them with the world's checkers
 (`lmforge.align.eval_chat`); each report is written to ROOT/eval/<name>.json. A stage whose output is already
@@ -125,6 +127,24 @@ class WorldPipeline:
         self._verb(name, out / "report.json", "redteam", "--models", f"[{','.join(map(str, models.values()))}]",
                    "--names", f"[{','.join(models)}]", "--world", self.root / "world", "--out_dir", out, *extra)
         return json.loads((out / "report.json").read_text())
+
+    # ---- RL (rejection sampling, PPO, GRPO) on the world's RLHF prompts ------------------------------------------
+    def rl(self, verb: str, name: str | None = None, init_from: Path | None = None,
+           extra: tuple[str, ...] = ()) -> Path:
+        """`lmforge rs | ppo | grpo` from the SFT model (or `init_from`) with configs/world/<verb>.yaml on
+        ROOT/world/rlhf_prompts.jsonl, into ROOT/<name> (default: the verb); the trained model. The configs'
+        rewards are the world oracle's stand-ins for the reward models (rs, ppo) and its checker (grpo);
+        `extra` changes them, e.g. ("--reward.safety", "null") takes the Safety RM out of the gate."""
+        run = self.root / (name or verb)
+        seeds = ("--seed", self.seed, "--sft_train.seed", self.seed) if verb == "rs" else ("--train.seed", self.seed)
+        self._verb(run.name, run / "summary.json", verb, init_from or self.root / "sft" / "model",
+                   "--config", self._config(verb), "--prompts.files", f"[{self.root / 'world' / 'rlhf_prompts.jsonl'}]",
+                   "--run.dir", run, "--run.resume", "auto", *seeds, *extra)
+        if verb == "rs":
+            from lmforge.align.rs import final_model
+
+            return final_model(run)
+        return run / "model"
 
     def _sft_flags(self, run: Path) -> list:
         """The flags of a fine-tuning through sft in this pipeline: its run folder, cache, seed, resume."""
