@@ -58,3 +58,32 @@ def test_a_stage_that_returns_without_its_output_stops_the_pipeline(tmp_path, mo
     with pytest.raises(RuntimeError, match="stage gatt stopped before writing .*gatt/model/model.safetensors"):
         p.gatt()
     assert len(calls) == 1 and calls[0][0] == "gatt" and "gatt" not in p.times
+
+
+# The RL configs' sizes shrunk the same way: one iteration of 2 prompts, answers of 8 tokens.
+RL_TUNE = {"rs": ("--prompts.per_iteration", "2", "--rs.samples", "2", "--rollout.max_new_tokens", "8",
+                  "--sft_train.seq_len", "512", "--sft_train.batch_size", "2", "--sft_train.micro_batch_size", "2",
+                  "--sft_train.steps", "1", "--device", "cpu"),
+           "ppo": ("--prompts.per_iteration", "2", "--ppo.minibatch_size", "2", "--rollout.max_new_tokens", "8",
+                   "--train.iterations", "1", "--train.device", "cpu"),
+           "grpo": ("--prompts.per_iteration", "2", "--grpo.group_size", "2", "--grpo.minibatch_size", "4",
+                    "--rollout.max_new_tokens", "8", "--train.iterations", "1", "--train.device", "cpu")}
+
+
+def test_the_rl_stages_run_where_the_pipeline_says(stage_world, tmp_path):
+    root = tmp_path / "seed-3"
+    shutil.copytree(stage_world.world, root / "world")
+    shutil.copytree(stage_world.model_dir, root / "sft" / "model")
+    p = WorldPipeline(root, seed=3, configs=CONFIGS)
+    models = {verb: p.rl(verb, extra=tune) for verb, tune in RL_TUNE.items()}
+    ablation = p.rl("ppo", "ppo-no-safety", extra=("--reward.safety", "null", *RL_TUNE["ppo"]))
+    assert models["ppo"] == root / "ppo" / "model" and models["grpo"] == root / "grpo" / "model"
+    assert models["rs"] == root / "rs" / "iteration_1" / "sft" / "model"  # rs's summary names its model
+    assert ablation == root / "ppo-no-safety" / "model"
+    for model in (*models.values(), ablation):
+        assert (model / "model.safetensors").is_file()
+    config = (root / "ppo-no-safety" / "config.yaml").read_text()
+    assert "safety: null" in config and "seed: 3" in config  # the ablation's flag and the pipeline's seed arrived
+    assert set(p.times) == {"rs", "ppo", "grpo", "ppo-no-safety"}
+    p.times.clear()
+    assert p.rl("ppo") == models["ppo"] and p.times == {}  # complete: not run again
