@@ -16,10 +16,12 @@ Rows (per stage, every per-seed figure printed, then the verdicts; --json writes
           the train / held-out accuracy gap under 10 points.
     rl    on the held-out sets, the SFT model against each RL stage from it (configs/world/{rs,ppo,grpo}.yaml;
           the world oracle stands in for both reward models in Llama 2's gate, GRPO uses the world's checker):
-          rejection sampling's held-out oracle helpfulness (greedy, K = 1 at answer time) beats SFT; the oracle
-          score of the answer the gate selects rises with K (every seed, K = 1..4, RS's diagnostics); PPO and
-          GRPO each beat SFT on held-out oracle helpfulness, their last iteration's KL to the start printed
-          beside; PPO with the Safety RM taken out of the gate (--reward.safety null) has a higher held-out
+          rejection sampling's held-out gated oracle score (pipeline.gated_oracle_score: Llama 2's gate with
+          the oracle as both reward models, greedy answers, K = 1) beats SFT; the oracle score of the answer the
+          gate selects rises with K (every seed, K = 1..4, RS's diagnostics); PPO and GRPO each beat SFT on the
+          held-out gated oracle score, their last iteration's KL to the start printed beside; helpfulness on
+          the tasks, violation and false-refusal rates are printed under each (reported, not gates); PPO
+          with the Safety RM taken out of the gate (--reward.safety null) has a higher held-out
           violation rate than PPO with it, by the gain rule.
 """
 
@@ -91,11 +93,15 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
             return [per_seed[s][stage][key] for s in seeds]
 
         for name in ("rs", "ppo", "grpo"):
-            ok, why = gain_holds(figure("sft", "helpfulness"), figure(name, "helpfulness"), True)
+            ok, why = gain_holds(figure("sft", "oracle_score"), figure(name, "oracle_score"), True)
             if name != "rs":
                 why += "; KL " + " / ".join(f"{k:.3f}" for k in figure(name, "kl"))
-            rows.append({"stage": name, "figure": "held-out oracle helpfulness", "before": figure("sft", "helpfulness"),
-                         "after": figure(name, "helpfulness"), "holds": ok, "why": why})
+            rows.append({"stage": name, "figure": "held-out gated oracle score", "before": figure("sft", "oracle_score"),
+                         "after": figure(name, "oracle_score"), "holds": ok, "why": why})
+            for key, higher in (("helpfulness", True), ("violation_rate", False), ("false_refusal_rate", False)):
+                ok, why = gain_holds(figure("sft", key), figure(name, key), higher)
+                rows.append({"stage": name, "figure": f"  beside it: {key}", "before": figure("sft", key),
+                             "after": figure(name, key), "holds": ok, "gate": False, "why": why})
         curves = figure("rs", "oracle_of_selected_by_k")
         ok = all(all(b > a for a, b in zip(c, c[1:])) for c in curves)
         rows.append({"stage": "rs", "figure": "oracle score of the selected answer, K = 1..4, rises",
@@ -136,7 +142,8 @@ def main() -> None:
     for r in rows:
         before = f"before {fmt(r['before'])}  " if "before" in r else ""
         print(f"  {r['stage']:5} {r['figure']:54} {before}after {fmt(r['after'])}   {r['why']}")
-    print(f"\nall held: {all(r['holds'] for r in rows)}; {time.perf_counter() - start:.0f} s in all")
+    gates = [r["holds"] for r in rows if r.get("gate", True)]  # "beside it" rows are reported, not judged
+    print(f"\nall gates held: {all(gates)}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "per_seed": per_seed, "rows": rows}, indent=1))
 

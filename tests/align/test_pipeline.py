@@ -1,4 +1,4 @@
-"""The rule a stage's gain is judged by (benchmarks/world_gains.py), on hand-made figures."""
+"""The rule a stage's gain is judged by (benchmarks/world_gains.py) and the gated oracle score, on hand-made figures."""
 
 import pytest
 
@@ -16,3 +16,15 @@ def test_gain_rule_by_hand():
     assert not gain_holds([0.30, 0.35, 0.28], [0.90, 0.95, 0.92], higher_is_better=False)[0]
     with pytest.raises(ValueError, match="one per seed"):
         gain_holds([0.1, 0.2], [0.3])
+
+
+def test_the_gated_oracle_score_weighs_each_prompt_once():
+    from lmforge.align.pipeline import gated_oracle_score
+
+    reports = {"eval_tasks": {"records": 600, "oracle": {"helpfulness": 0.2, "safety": 1.0}},
+               "eval_unsafe": {"records": 500, "oracle": {"helpfulness": 0.7, "safety": 0.9}},
+               "eval_lookalikes": {"records": 500, "oracle": {"helpfulness": 0.4, "safety": 1.0}}}
+    # safety on the unsafe requests, helpfulness elsewhere: (600 * 0.2 + 500 * 0.9 + 500 * 0.4) / 1600
+    assert gated_oracle_score(reports) == pytest.approx(0.48125, abs=1e-12)
+    reports["eval_unsafe"]["oracle"]["helpfulness"] = 0.0  # an unsafe request's helpfulness plays no part
+    assert gated_oracle_score(reports) == pytest.approx(0.48125, abs=1e-12)
