@@ -4,7 +4,9 @@
     2. train a 2048-piece SentencePiece tokenizer on its corpus and tokenize the corpus into shards
     3. pre-train a ~1.3M-parameter Llama-style model (GQA, SwiGLU, RMSNorm, rotary) at context 1024
     4. SFT on the world's demonstrations (answers only, dialogues packed whole)
-    5. `eval chat` before and after SFT on the first 100 prompts of each held-out set: task accuracy per family,
+    5. rejection sampling from the SFT model (4 answers a prompt, the best by Llama 2's gate kept, fine-tuned on)
+    6. PPO from the SFT model with the same gate (the world's oracle stands in for both reward models in 5 and 6)
+    7. `eval chat` of each model on the first 100 prompts of each held-out set: task accuracy per family,
        violation and false-refusal rates, oracle helpfulness (benchmarks/world_gains.py uses every prompt)
 
 Every stage is a verb with its settings in configs/world/<stage>.yaml (lmforge.align.pipeline); everything lands
@@ -22,7 +24,7 @@ EVAL_LIMIT = 100  # prompts per set in the demo (its 30-second evaluation budget
 
 
 def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:
-    from lmforge.align.pipeline import WorldPipeline, headline
+    from lmforge.align.pipeline import HELDOUT_SETS, WorldPipeline, headline
     from lmforge.io import claim_output_dir, write_marker
 
     start = time.perf_counter()
@@ -30,8 +32,16 @@ def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     write_marker(out, "lmforge demo")
-    print(f"lmforge demo: the chat world, pre-training, SFT and evaluations; everything goes to {out}/\n")
+    print(f"lmforge demo: the chat world, pre-training, SFT, rejection sampling, PPO and evaluations; everything goes "
+          f"to {out}/\n")
     p = WorldPipeline(out, seed=0, configs=configs, eval_limit=EVAL_LIMIT)
+    models = {"pre-trained": out / "pretrain" / "model", "after SFT": out / "sft" / "model"}
+
+    def rl(verb: str, column: str):
+        def run() -> None:
+            models[column] = p.rl(verb)
+        return run
+
     steps = [
         ("building the chat world v1 (seed 0): corpus, SFT demonstrations, held-out prompt sets", p.world),
         ("training a 2048-piece tokenizer on the world's corpus", p.tokenizer),
@@ -41,19 +51,23 @@ def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:
             out / "pretrain" / "model", "pretrained")),
         ("SFT on the world's demonstrations (configs/world/sft.yaml)", p.sft),
         ("evaluating the SFT model", lambda: p.evaluate(out / "sft" / "model", "sft")),
+        ("rejection sampling: 4 answers a prompt, the best by the oracle's gate, fine-tuned on (configs/world/rs.yaml)",
+         rl("rs", "after RS")),
+        ("evaluating the rejection-sampled model", lambda: p.evaluate(models["after RS"], "rs", sets=HELDOUT_SETS)),
+        ("PPO from the SFT model with the oracle's gate (configs/world/ppo.yaml)", rl("ppo", "after PPO")),
+        ("evaluating the PPO model", lambda: p.evaluate(models["after PPO"], "ppo", sets=HELDOUT_SETS)),
     ]
     for i, (what, stage) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {what}", flush=True)
         stage()
-    before, after = headline(p.evaluate(out / "pretrain" / "model", "pretrained")), headline(
-        p.evaluate(out / "sft" / "model", "sft"))
+    names = {"pre-trained": "pretrained", "after SFT": "sft", "after RS": "rs", "after PPO": "ppo"}
     print("\n==== what happened " + "=" * 60)
-    print(table({"pre-trained": before, "after SFT": after}))
+    print(table({column: headline(p.evaluate(models[column], names[column])) for column in models}))
     print("\nwall time per stage:")
     for stage, seconds in p.times.items():
         print(f"  {stage:<22} {seconds:6.1f} s")
-    print("\nfiles: runs/demo/world (the world), runs/demo/pretrain and runs/demo/sft (run folders: config.yaml, "
-          "metrics.jsonl, loss.png, summary.json, model/), runs/demo/eval/*.json (the reports)")
+    print("\nfiles: runs/demo/world (the world), runs/demo/pretrain, sft, rs and ppo (run folders: config.yaml, "
+          "metrics.jsonl, loss.png, summary.json, the model), runs/demo/eval/*.json (the reports)")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
 
 
@@ -67,18 +81,20 @@ ROWS = [
     ("violation_rate", "violation rate (unsafe not refused)"),
     ("false_refusal_rate", "false-refusal rate (look-alikes)"),
     ("helpfulness", "oracle helpfulness (tasks)"),
+    ("oracle_score", "gated oracle score (all three sets)"),
 ]
+SCORES = ("helpfulness", "oracle_score")  # in [0, 1], shown as scores; the other rows are rates
 
 
 def table(columns: dict[str, dict[str, float]]) -> str:
-    """Headline figures side by side, in percent (helpfulness as a score in [0, 1])."""
+    """Headline figures side by side, in percent (the oracle's scores in [0, 1]: pipeline.headline)."""
     names = list(columns)
     lines = [f"{'':38}" + "".join(f"{n:>14}" for n in names)]
     for key, label in ROWS:
         cells = []
         for n in names:
             v = columns[n].get(key)
-            cells.append("-" if v is None else (f"{v:.3f}" if key == "helpfulness" else f"{100 * v:.1f}%"))
+            cells.append("-" if v is None else (f"{v:.3f}" if key in SCORES else f"{100 * v:.1f}%"))
         lines.append(f"{label:38}" + "".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)
 
