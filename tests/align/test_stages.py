@@ -14,7 +14,8 @@ from lmforge.train.config import RunConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "world"
 STAGES = {"gatt.yaml": ["gatt", "MODEL"], "distill.yaml": ["distill-safety", "MODEL"],
-          "eval_gatt.yaml": ["eval", "gatt", "[A,B]"], "ppo.yaml": ["ppo", "MODEL"]}
+          "eval_gatt.yaml": ["eval", "gatt", "[A,B]"], "ppo.yaml": ["ppo", "MODEL"], "grpo.yaml": ["grpo", "MODEL"],
+          "rs.yaml": ["rs", "MODEL"]}
 
 
 def _leaves(tree: dict, prefix: str = ""):
