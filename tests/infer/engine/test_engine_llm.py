@@ -319,3 +319,21 @@ def test_random_traffic_with_aborts_keeps_every_invariant(ops, preset, num_block
     assert engine.counters.kv_blocks_used == 0
     c = engine.counters
     assert c.finished + c.aborted == len(ids)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_generate_runs_more_prompts_than_the_queue_holds(n):
+    """`generate` is offline: 12 prompts (36 requests at n = 3) through a queue of 4 give every prompt its
+    outputs, the same as through a queue that holds them all (seeded sampling: outputs depend on the seed only)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=64)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 64, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(12)]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=5, ignore_eos=True, seed=i) for i in range(12)]
+    small = _engine(model, max_waiting=4).generate(prompts, params, n=n)
+    large = _engine(model, max_waiting=1024).generate(prompts, params, n=n)
+    assert len(small) == 12 * n and all(len(o) == 5 for o in small)
+    assert small == large
+    with pytest.raises(RequestRefused):  # a queue smaller than one prompt's n samples still refuses
+        _engine(model, max_waiting=2).generate(prompts[:1], params[:1], n=3)

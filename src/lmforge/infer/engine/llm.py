@@ -381,17 +381,33 @@ class LLMEngine:
         self, prompts: Seq[Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None, n: int = 1
     ) -> list[list[int]]:
         """Run prompts to completion; the output token ids of each, in prompt order. With n > 1, n samples of
-        each prompt (`add_samples`), prompt by prompt: entry b * n + i is choice i of prompt b."""
+        each prompt (`add_samples`), prompt by prompt: entry b * n + i is choice i of prompt b.
+
+        Offline work of any size: prompts join as the queue has room (`max_waiting` bounds what waits, not
+        what one call may ask), so 5,000 prompts run through a queue of 1,024 without a refusal."""
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        if n == 1:
-            ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
-        else:
-            ids = [i for p, s in zip(prompts, params) for i in self.add_samples(p, s, n)]
+        pending = deque(zip(prompts, params))
+        ids: list[str] = []
+        live: set[str] = set()
+
+        def admit() -> None:
+            # at least one when nothing runs, so that a queue too small for n refuses instead of waiting forever
+            while pending and (self.scheduler.room() >= n or not live):
+                p, s = pending.popleft()
+                new = [self.add_request(p, s)] if n == 1 else self.add_samples(p, s, n)
+                ids.extend(new)
+                live.update(new)
+
+        admit()
         results: dict[str, list[int]] = {i: [] for i in ids}
-        while any(i in self.seqs for i in ids):
+        while live:
             for out in self.step():
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
+            live.intersection_update(self.seqs)
+            before = len(ids)
+            admit()
+            results.update({i: [] for i in ids[before:]})
         return [results[i] for i in ids]
 
     async def stream(

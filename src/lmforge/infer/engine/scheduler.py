@@ -89,13 +89,17 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
+    def room(self) -> int:
+        """How many more new requests the queue takes (preempted sequences back in it do not count)."""
+        return self.config.max_waiting - sum(s.num_slots for s in self.waiting if s.num_preemptions == 0)
+
     def add(self, seq: Sequence) -> None:
         """Queue a new request (or a prompt sequence with its forks, which count as that many requests), or
         raise `RequestRefused` (queue limit; needs more blocks than exist)."""
-        new_waiting = sum(s.num_slots for s in self.waiting if s.num_preemptions == 0)
-        if new_waiting + seq.num_slots > self.config.max_waiting:
+        if seq.num_slots > self.room():
             limit = self.config.max_waiting
-            raise RequestRefused(RefusalReason.QUEUE_FULL, f"{new_waiting} requests are waiting (limit {limit})")
+            raise RequestRefused(RefusalReason.QUEUE_FULL,
+                                 f"{limit - self.room()} requests are waiting (limit {limit})")
         total = seq.num_tokens + seq.sampling.max_new_tokens
         if self.max_seq_len is not None:
             total = min(total, self.max_seq_len)
