@@ -3,6 +3,7 @@ its verb with the shipped config and the sizes given in `extra`, writes where th
 once complete, and its report feeds the headline functions; a verb that returns without its output (a training
 verb stopped by SIGTERM saves a checkpoint and returns) stops the pipeline."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 
 from lmforge.align.pipeline import WorldPipeline, gatt_headline
+from lmforge.align.rm import MIXES
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "world"
 # The shipped configs' sizes are the demo's; these shrink them for a tiny 512-token model (the flags come last).
@@ -87,3 +89,35 @@ def test_the_rl_stages_run_where_the_pipeline_says(stage_world, tmp_path):
     assert set(p.times) == {"rs", "ppo", "grpo", "ppo-no-safety"}
     p.times.clear()
     assert p.rl("ppo") == models["ppo"] and p.times == {}  # complete: not run again
+
+
+PAIR_TUNE = ("--train.steps", "1", "--train.batch_size", "2", "--train.micro_batch_size", "2", "--train.device", "cpu")
+
+
+def test_the_preference_reward_model_and_dpo_stages_run_where_the_pipeline_says(stage_world, tmp_path):
+    root = tmp_path / "seed-2"
+    shutil.copytree(stage_world.world, root / "world")
+    shutil.copytree(stage_world.model_dir, root / "sft" / "model")
+    p = WorldPipeline(root, seed=2, configs=CONFIGS)
+    collect = ("--limit", "4", "--max_new_tokens", "8", "--device", "cpu")
+    train = p.preferences(extra=collect)
+    heldout = p.preferences("preferences-heldout", ("eval_tasks", "eval_unsafe"), seed_offset=1000, extra=collect)
+    assert train == root / "preferences" and heldout == root / "preferences-heldout"
+    summary = json.loads((heldout / "summary.json").read_text())
+    assert summary["seed"] == 1002  # the offset arrived: other answers than the training pairs' seed
+    models = {kind: p.reward_model(kind, extra=PAIR_TUNE) for kind in ("helpfulness", "safety")}
+    for kind, model in models.items():
+        assert model == root / f"rm-{kind}" / "model" and (model / "model.safetensors").is_file()
+        config = (root / f"rm-{kind}" / "config.yaml").read_text()
+        weights = dict(MIXES[kind])
+        assert f"weight: {weights['safety']}" in config and "seed: 2" in config  # its own mix, the pipeline's seed
+    pairs = [heldout / "helpfulness.jsonl", heldout / "safety.jsonl"]
+    report = p.evaluate_rm("safety", pairs)
+    assert report["model"] == str(models["safety"]) and (root / "eval" / "rm-safety" / "report.json").is_file()
+    dpo = p.dpo(extra=PAIR_TUNE)
+    assert dpo == root / "dpo" / "model" and (dpo / "model.safetensors").is_file()
+    assert set(p.times) == {"preferences", "preferences-heldout", "rm-helpfulness", "rm-safety", "eval rm-safety",
+                            "dpo"}
+    p.times.clear()  # complete: not run again
+    assert p.reward_model("safety") == models["safety"] and p.evaluate_rm("safety", pairs) == report
+    assert p.dpo() == dpo and p.times == {}

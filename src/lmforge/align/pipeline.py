@@ -9,6 +9,11 @@ starts with that command) and this run's paths and seed on the command line afte
     data       lmforge data prepare --config configs/world/data.yaml --data ROOT/world/corpus ...
     pretrain   lmforge pretrain --config configs/world/pretrain.yaml --data.dir ROOT/data --train.seed S ...
     sft        lmforge sft ROOT/pretrain/model --config configs/world/sft.yaml --data.sources [ROOT/world/sft.jsonl]
+    preferences  lmforge preferences collect ROOT/sft/model --config configs/world/preferences.yaml
+                 --prompts [ROOT/world/rlhf_prompts.jsonl] --out_dir ROOT/preferences   (held-out sets: their pairs)
+    rm         lmforge rm train ROOT/sft/model --config configs/world/rm.yaml --data.sources MIX --run.dir ROOT/rm-KIND
+               (KIND helpfulness or safety, MIX its mix of ROOT/preferences); lmforge rm eval ROOT/rm-KIND/model ...
+    dpo        lmforge dpo ROOT/sft/model --config configs/world/dpo.yaml --data.sources [ROOT/preferences/*.jsonl]
     gatt       lmforge gatt ROOT/sft/model --config configs/world/gatt.yaml --world ROOT/world --sft.run.dir ROOT/gatt
     distill    lmforge distill-safety ROOT/sft/model --config configs/world/distill.yaml --world ROOT/world
                [--distill.safety_rm RM]   (targeted into ROOT/distill-targeted, untargeted into ROOT/distill)
@@ -87,6 +92,48 @@ class WorldPipeline:
                    "--config", self._config("sft"), "--data.sources", f"[{self.root / 'world' / 'sft.jsonl'}]",
                    "--data.cache_dir", self.root / "cache", "--run.dir", run, "--run.resume", "auto",
                    "--train.seed", self.seed, "--run.progress", str(self.progress).lower())
+        return run / "model"
+
+    # ---- preference pairs, the two reward models, DPO --------------------------------------------------------
+    def preferences(self, name: str = "preferences", sets: tuple[str, ...] = ("rlhf_prompts",),
+                    seed_offset: int = 0, extra: tuple[str, ...] = ()) -> Path:
+        """`lmforge preferences collect` of the SFT model on the world's prompt files `sets` (default: the RLHF
+        prompts, the reward models' training pairs; the held-out sets give their evaluation pairs) into
+        ROOT/<name>, seeded seed + `seed_offset` (another offset: other answers to the same prompts)."""
+        out = self.root / name
+        files = ",".join(str(self.root / "world" / f"{s}.jsonl") for s in sets)
+        self._verb(name, out / "summary.json", "preferences", "collect", self.root / "sft" / "model",
+                   "--config", self._config("preferences"), "--prompts", f"[{files}]", "--out_dir", out,
+                   "--seed", self.seed + seed_offset, *extra)
+        return out
+
+    def reward_model(self, kind: str, pairs: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
+        """Llama 2's `kind` ("helpfulness" or "safety") reward model from the SFT model on its mix of the pairs
+        in `pairs` (default ROOT/preferences; the mixes are rm.MIXES), configs/world/rm.yaml, into ROOT/rm-<kind>."""
+        from lmforge.align.rm import MIXES
+
+        run, pairs = self.root / f"rm-{kind}", Path(pairs or self.root / "preferences")
+        sources = json.dumps([{"path": str(pairs / f"{f}.jsonl"), "weight": w} for f, w in MIXES[kind]])
+        self._verb(run.name, run / "model" / "model.safetensors", "rm", "train", self.root / "sft" / "model",
+                   "--config", self._config("rm"), "--data.sources", sources, "--run.dir", run, "--run.resume",
+                   "auto", "--train.seed", self.seed, "--run.progress", str(self.progress).lower(), *extra)
+        return run / "model"
+
+    def evaluate_rm(self, kind: str, pairs: list[Path], extra: tuple[str, ...] = ()) -> dict:
+        """`lmforge rm eval` of ROOT/rm-<kind> on the pair files `pairs`; the report (ROOT/eval/rm-<kind>/)."""
+        out = self.root / "eval" / f"rm-{kind}"
+        self._verb(f"eval rm-{kind}", out / "report.json", "rm", "eval", self.root / f"rm-{kind}" / "model",
+                   "--pairs", f"[{','.join(map(str, pairs))}]", "--out_dir", out, *extra)
+        return json.loads((out / "report.json").read_text())
+
+    def dpo(self, pairs: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
+        """`lmforge dpo` from the SFT model (also its frozen reference) on the helpfulness and safety pairs in
+        `pairs` (default ROOT/preferences), configs/world/dpo.yaml, into ROOT/dpo; the trained model."""
+        run, pairs = self.root / "dpo", Path(pairs or self.root / "preferences")
+        sources = f"[{pairs / 'helpfulness.jsonl'},{pairs / 'safety.jsonl'}]"
+        self._verb("dpo", run / "model" / "model.safetensors", "dpo", self.root / "sft" / "model", "--config",
+                   self._config("dpo"), "--data.sources", sources, "--run.dir", run, "--run.resume", "auto",
+                   "--train.seed", self.seed, "--run.progress", str(self.progress).lower(), *extra)
         return run / "model"
 
     # ---- the stages after SFT (Ghost Attention, safety context distillation, red teaming) ------------------------
