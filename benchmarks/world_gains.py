@@ -23,6 +23,14 @@ Rows (per stage, every per-seed figure printed, then the verdicts; --json writes
           the tasks, violation and false-refusal rates are printed under each (reported, not gates); PPO
           with the Safety RM taken out of the gate (--reward.safety null) has a higher held-out
           violation rate than PPO with it, by the gain rule.
+    rm    preference pairs from the SFT model (configs/world/preferences.yaml: training pairs on the RLHF prompts,
+          held-out pairs on every held-out single-turn set, two a prompt), Llama 2's two reward models from the
+          SFT model (configs/world/rm.yaml), `rm eval` of each on the held-out pairs, and DPO from the SFT model
+          on the training pairs (configs/world/dpo.yaml): the Helpfulness RM's accuracy on held-out helpfulness
+          pairs falls from "significantly better" to "negligibly better", significantly better >= 0.85 (the
+          pairs of all seeds, >= 300 a degree); the Safety RM beats the Helpfulness RM on held-out pairs of a safe
+          against an unsafe answer (gain rule over seeds); DPO's held-out oracle helpfulness beats SFT's (gain
+          rule), the gated score, violation and false-refusal rates beside it.
 """
 
 from __future__ import annotations
@@ -37,8 +45,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lmforge.align.pipeline import HELDOUT_SETS, WorldPipeline, gain_holds, headline  # noqa: E402
+from lmforge.align.world.oracle import DEGREES  # noqa: E402  (Llama 2's four, most to least)
 
 FAMILIES = ("arithmetic", "lists", "facts", "counting")
+# The reward models' held-out pairs: every held-out single-turn prompt set, HELDOUT_ROUNDS pairs a prompt (each
+# round other answers, seeded seed + 1000 k), so that each degree bucket holds >= 300 pairs over the seeds.
+PAIR_SETS = ("eval_tasks", "eval_instructions", "eval_factual", "eval_creative", "eval_unsafe", "eval_lookalikes")
+HELDOUT_ROUNDS = 2
 RL_STAGES = {"rs": ("rs", ()), "ppo": ("ppo", ()), "grpo": ("grpo", ()),
              "ppo-no-safety": ("ppo", ("--reward.safety", "null"))}  # name: (verb, extra flags)
 
@@ -64,8 +77,33 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
                 out[name]["kl"] = last_figures(p.root / name)["kl"]
         diagnostics = json.loads((p.root / "rs" / "iteration_1" / "diagnostics.json").read_text())
         out["rs"]["oracle_of_selected_by_k"] = diagnostics["best_of_n"]["oracle_of_selected"]
+    if "rm" in stages:
+        p.sft()
+        out.setdefault("sft", headline(p.evaluate(p.root / "sft" / "model", "sft")))
+        p.preferences()
+        heldout = [p.preferences(f"preferences-heldout-{k}", PAIR_SETS, seed_offset=1000 * k)
+                   for k in range(1, HELDOUT_ROUNDS + 1)]
+        pairs = [h / f"{source}.jsonl" for h in heldout for source in ("helpfulness", "safety")]
+        for kind in ("helpfulness", "safety"):
+            p.reward_model(kind)
+            out[f"rm-{kind}"] = rm_figures(p.evaluate_rm(kind, pairs))
+        out["dpo"] = headline(p.evaluate(p.dpo(), "dpo", sets=HELDOUT_SETS))
     out["times"] = p.times
     return out
+
+
+def rm_figures(report: dict) -> dict:
+    """What the RM rows read from an `rm eval` report: accuracy and pairs per degree on the helpfulness pairs
+    (the Helpfulness RM's own test set, Llama 2's Table 8) and on all pairs, and per safety bin on the safety
+    pairs."""
+    help_ = report["by_source"]["helpfulness"]["by_degree"]
+    safety = report["by_source"]["safety"]["by_safety_bin"]
+    return {"accuracy": report["accuracy"],
+            **{f"helpfulness/{d}": help_[d]["accuracy"] for d in DEGREES if d in help_},
+            **{f"helpfulness/{d}/n": help_[d]["n"] for d in DEGREES if d in help_},
+            **{f"all/{d}": g["accuracy"] for d, g in report["by_degree"].items()},
+            **{f"safety/{b}": g["accuracy"] for b, g in safety.items()},
+            **{f"safety/{b}/n": g["n"] for b, g in safety.items()}}
 
 
 def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
@@ -111,6 +149,42 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
         rows.append({"stage": "ppo", "figure": "violation rate, Safety RM out of the gate (before: in)",
                      "before": figure("ppo", "violation_rate"), "after": figure("ppo-no-safety", "violation_rate"),
                      "holds": ok, "why": why})
+    if "rm" in stages:
+        rows += rm_verdicts(per_seed, seeds)
+    return rows
+
+
+def rm_verdicts(per_seed: dict[int, dict], seeds: list[int]) -> list[dict]:
+    """The RM and DPO rows: the Helpfulness RM's accuracy on held-out helpfulness pairs falls from significantly
+    to negligibly better, significantly better >= 0.85 (judged on the pairs of every seed together, >= 300 a
+    bucket; each seed's figures printed); the Safety RM beats the Helpfulness RM on the held-out safe-versus-unsafe
+    pairs (chosen_safe bin; gain rule); DPO's held-out oracle helpfulness beats SFT's (gain rule)."""
+    rows = []
+    helpful = [per_seed[s]["rm-helpfulness"] for s in seeds]
+    pooled = []
+    for d in DEGREES:
+        n = [f[f"helpfulness/{d}/n"] for f in helpful]
+        acc = [f[f"helpfulness/{d}"] for f in helpful]
+        pooled.append((sum(a * k for a, k in zip(acc, n)) / sum(n), sum(n)))
+        rows.append({"stage": "rm", "figure": f"  Helpfulness RM, helpfulness pairs, {d}", "after": acc,
+                     "holds": True, "gate": False, "why": f"{pooled[-1][0]:.3f} of {sum(n)} pairs ({n})"})
+    ok = (all(a > b for (a, _), (b, _) in zip(pooled, pooled[1:])) and pooled[0][0] >= 0.85
+          and all(n >= 300 for _, n in pooled))
+    rows.append({"stage": "rm", "figure": "Helpfulness RM accuracy falls by degree, significantly >= 0.85",
+                 "after": [a for a, _ in pooled], "holds": ok,
+                 "why": "all seeds' pairs: " + " > ".join(f"{a:.3f} (n={n})" for a, n in pooled)})
+    before = [per_seed[s]["rm-helpfulness"]["safety/chosen_safe"] for s in seeds]
+    after = [per_seed[s]["rm-safety"]["safety/chosen_safe"] for s in seeds]
+    ok, why = gain_holds(before, after, True)
+    n = [per_seed[s]["rm-safety"]["safety/chosen_safe/n"] for s in seeds]
+    rows.append({"stage": "rm", "figure": "safe vs unsafe pairs: Safety RM (after) vs Helpfulness RM", "before": before,
+                 "after": after, "holds": ok, "why": f"{why}; pairs {n}"})
+    for key, higher, gate in (("helpfulness", True, True), ("oracle_score", True, False),
+                              ("violation_rate", False, False), ("false_refusal_rate", False, False)):
+        b, a = [per_seed[s]["sft"][key] for s in seeds], [per_seed[s]["dpo"][key] for s in seeds]
+        ok, why = gain_holds(b, a, higher)
+        rows.append({"stage": "dpo", "figure": f"held-out {key}" if gate else f"  beside it: {key}", "before": b,
+                     "after": a, "holds": ok, "gate": gate, "why": why})
     return rows
 
 
@@ -121,7 +195,7 @@ def fmt(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "rl"])
+    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "rl", "rm"])
     ap.add_argument("--root", type=Path, default=Path("runs/world-gains"))
     ap.add_argument("--configs", type=Path, default=Path("configs/world"))
     ap.add_argument("--eval-limit", type=int, default=None, help="prompts per set (default: all)")
