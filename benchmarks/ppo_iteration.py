@@ -24,8 +24,10 @@ What runs, all in this process on one device:
     pass, then the measured one.
   - transformers' `generate` (serving.py's `hf_generate`: random weights of the same shapes, bf16, one static
     batch of all the prompts, greedy with exactly --max-new-tokens tokens).
+  - PPO's rollout path alone (`rollout.rollout` on a fresh `make_engine`, PPO's sampling), outside PPO.
 The ratios: rollout_vs_engine = PPO's rollout tokens/s over the engine's output tokens/s (what the rollout path
-costs beyond the engine: per-request bookkeeping, detokenisation), engine_vs_transformers.
+costs beyond the engine: per-request bookkeeping, detokenisation), rollout_alone_vs_engine (the same path outside
+PPO: what of the gap is the path's, what is PPO's), engine_vs_transformers.
 
 Prints JSON lines; writes $OUT/ppo_iteration.json when $OUT is set.
 """
@@ -150,6 +152,34 @@ def run_engine(paths: dict, prompts: list[list[int]], args, device: str, serving
     return res
 
 
+def run_rollout_alone(paths: dict, prompts: list[list[int]], args, device: str) -> dict:
+    """PPO's own rollout path (`rollout.rollout` over `make_engine`, PPO's sampling settings: temperature 1,
+    answers ending at </s>) on a fresh engine outside PPO: the part of the gap to the engine alone that is the
+    rollout path's, against the part that is running inside PPO (the trainer's memory, its warm caches)."""
+    from lmforge.align.rollout import RolloutConfig, make_engine, rollout
+    from lmforge.models.checkpoint import load_model
+    from lmforge.tokenizer import Tokenizer
+
+    eos = Tokenizer(paths["policy"] / "tokenizer.model").eos_id
+    policy = load_model(paths["policy"], device=device, dtype=torch.float32)
+    engine = make_engine(policy, eos_id=eos, batch_size=args.prompts, max_prompts=len(prompts))
+    del policy
+    params = RolloutConfig(temperature=1.0, max_new_tokens=args.max_new_tokens, batch_size=args.prompts).sampling(0)
+    seeds = [1000 * b for b in range(len(prompts))]
+    rollout(engine, prompts, params, seeds=seeds)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    samples = rollout(engine, prompts, params, seeds=seeds)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    tokens = sum(len(s.response_ids) for s in samples)
+    del engine
+    free(device)
+    return {"wall_s": round(wall, 3), "tokens": tokens, "output_tok_per_s": round(tokens / wall, 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU")
@@ -185,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = iteration_prompts(paths, args)
         result["engine"] = run_engine(paths, prompts, args, device, serving_settings=False)
         print(json.dumps({"case": "engine", **result["engine"]}), flush=True)
+        result["rollout_alone"] = run_rollout_alone(paths, prompts, args, device)
+        print(json.dumps({"case": "rollout_alone", **result["rollout_alone"]}), flush=True)
         result["engine_serving_settings"] = run_engine(paths, prompts, args, device, serving_settings=True)
         print(json.dumps({"case": "engine_serving_settings", **result["engine_serving_settings"]}), flush=True)
         outs = [args.max_new_tokens] * len(prompts)
@@ -194,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({"case": "transformers", **result["transformers"]}), flush=True)
     rollout, engine = result["ppo"]["rollout/tokens_per_s"], result["engine"]["output_tok_per_s"]
     result["rollout_vs_engine"] = round(rollout / engine, 3)
+    result["rollout_alone_vs_engine"] = round(result["rollout_alone"]["output_tok_per_s"] / engine, 3)
     serving = result["engine_serving_settings"]["output_tok_per_s"]
     result["rollout_vs_engine_serving_settings"] = round(rollout / serving, 3)
     if "transformers" in result:

@@ -174,8 +174,27 @@ def run_lmforge(cfg: ModelConfig, args, device: torch.device) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             positions += real
+    if args.profile and device.type == "cuda":
+        profile_steps(step, warmup + args.steps, args.worker)
     return {"system": f"lmforge-{args.worker}", "step_s": sum(times) / len(times),
             "tokens_per_s": positions / sum(times), "loss": loss, **extra}
+
+
+def profile_steps(step, start: int, worker: str, steps: int = 2) -> None:
+    """A kernel table of `steps` more steps, into $OUT/profile_<worker>.txt (the worker's stdout carries only its
+    row): where sft's step spends the time pretrain's does not (the document-masked attention, say)."""
+    import os
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(start, start + steps):
+            step(i)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80)
+    out = Path(os.environ.get("OUT", ".")) / f"profile_{worker}.txt"
+    out.write_text(f"lmforge-{worker}, {steps} steps\n{table}\n")
 
 
 def run_trl(cfg: ModelConfig, args, device: torch.device) -> dict:
@@ -224,11 +243,12 @@ def main() -> None:
     ap.add_argument("--min_len", type=int, default=128, help="shortest dialogue, in tokens")
     ap.set_defaults(examples=512)
     ap.add_argument("--trl_checkpointing", type=int, default=0, help="TRL: gradient checkpointing (its default: 1)")
+    ap.add_argument("--profile", type=int, default=0, help="lmforge systems: print a kernel table of 2 more steps")
     args = ap.parse_args()
     if as_worker(args, worker):
         return
     rows = run_grid(__file__, args, ["--trl_checkpointing", str(args.trl_checkpointing), "--min_len",
-                                      str(args.min_len)])
+                                      str(args.min_len), "--profile", str(args.profile)])
     print(f"\n{'system':20s} {'rows':>4s} {'tok/s':>10s} {'step s':>8s} {'peak GiB':>9s} {'loss':>7s}")
     for r in rows:
         figures = r.get("error", "")[:300] or (f"{r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {r['peak_gib']:9.1f} "
