@@ -87,8 +87,37 @@ def prepare(work: Path, config: ModelConfig, quick: bool, n_prompts: int, device
             "prepare_s": round(time.perf_counter() - t, 1)}
 
 
-def run_ppo(paths: dict, work: Path, args, device: str) -> dict:
-    """`lmforge ppo` for args.iterations iterations; the means of the iterations after the first."""
+# What PPO's rollouts may run under, to find where their gap to the engine alone comes from (--rollout-variants):
+# "as-is"; "gc-off": Python's garbage collector paused during each rollout (PPO's heap of tensors and records
+# makes a full collection slow, and the engine's step allocates many small objects); "empty-cache": the CUDA
+# caching allocator emptied before each rollout (the trainer's blocks, of other sizes, released).
+ROLLOUT_VARIANTS = ("as-is", "gc-off", "empty-cache")
+
+
+def rollout_variant(name: str):
+    """A replacement for the `collect` PPO calls, running it under variant `name` (ROLLOUT_VARIANTS)."""
+    import lmforge.align.rl_iteration as rl_iteration
+
+    def collect(*a, **k):
+        if name == "empty-cache":
+            torch.cuda.empty_cache()
+        if name != "gc-off":
+            return rl_iteration.collect(*a, **k)
+        gc.disable()
+        try:
+            return rl_iteration.collect(*a, **k)
+        finally:
+            gc.enable()
+
+    return collect
+
+
+def run_ppo(paths: dict, work: Path, args, device: str, variant: str = "as-is") -> dict:
+    """`lmforge ppo` for args.iterations iterations, its rollouts run under `variant` (ROLLOUT_VARIANTS); the
+    means of the iterations after the first."""
+    from unittest import mock
+
+    import lmforge.align.ppo as ppo_module
     from lmforge.align.ppo import PPOConfig, ppo
     from lmforge.align.rl_iteration import PromptsConfig, RLTrainConfig
     from lmforge.align.rollout import RolloutConfig
@@ -96,14 +125,15 @@ def run_ppo(paths: dict, work: Path, args, device: str) -> dict:
     from lmforge.train.config import RunConfig
     from lmforge.train.metrics import read_step_metrics
 
-    run = work / "ppo"
-    ppo(str(paths["policy"]), prompts=PromptsConfig(files=[str(paths["prompts"])], per_iteration=args.prompts),
-        rollout=RolloutConfig(temperature=1.0, max_new_tokens=args.max_new_tokens, batch_size=args.prompts),
-        ppo=PPOConfig(minibatch_size=args.minibatch),
-        reward=RewardConfig(helpfulness=str(paths["rm_helpfulness"]), safety=str(paths["rm_safety"])),
-        train=RLTrainConfig(iterations=args.iterations, micro_batch_size=args.micro_batch, device=device),
-        run=RunConfig(dir=str(run), checkpoint_every=0, save_model=False, tensorboard=False, progress=False,
-                      eval_every=0))
+    run = work / f"ppo-{variant}"
+    with mock.patch.object(ppo_module, "collect", rollout_variant(variant)):
+        ppo(str(paths["policy"]), prompts=PromptsConfig(files=[str(paths["prompts"])], per_iteration=args.prompts),
+            rollout=RolloutConfig(temperature=1.0, max_new_tokens=args.max_new_tokens, batch_size=args.prompts),
+            ppo=PPOConfig(minibatch_size=args.minibatch),
+            reward=RewardConfig(helpfulness=str(paths["rm_helpfulness"]), safety=str(paths["rm_safety"])),
+            train=RLTrainConfig(iterations=args.iterations, micro_batch_size=args.micro_batch, device=device),
+            run=RunConfig(dir=str(run), checkpoint_every=0, save_model=False, tensorboard=False, progress=False,
+                          eval_every=0))
     records = read_step_metrics(run / "metrics.jsonl")
     measured = records[1:] or records
     keys = [f"time/{p}" for p in PHASES] + ["rollout/tokens_per_s", "answer/length", "kl", "reward"]
@@ -190,7 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iterations", type=int, default=3, help="PPO iterations (the first is the warm-up)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--work", type=Path, default=None, help="folder for the world, tokenizer and models (temp)")
+    ap.add_argument("--rollout-variants", default="as-is",
+                    help=f"comma-separated PPO runs, each its rollouts under one of {', '.join(ROLLOUT_VARIANTS)}")
     args = ap.parse_args(argv)
+    variants = args.rollout_variants.split(",")
+    if variants[0] != "as-is" or not set(variants) <= set(ROLLOUT_VARIANTS):
+        ap.error(f"--rollout-variants: as-is first, then any of {', '.join(ROLLOUT_VARIANTS[1:])}")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     config = ModelConfig.from_name("tiny", vocab_size=600, max_seq_len=512) if args.quick else TINYLLAMA
     if args.quick:
@@ -204,14 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
         work = args.work or Path(tmp)
         paths = prepare(work, config, args.quick, max(64, args.prompts * args.iterations), device)
         result["prepare_s"] = paths["prepare_s"]
-        t = time.perf_counter()
-        result["ppo"] = run_ppo(paths, work, args, device)
-        result["ppo"]["wall_s"] = round(time.perf_counter() - t, 1)
-        if device == "cuda":
-            result["ppo"]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-        gc.collect()
-        free(device)
-        print(json.dumps({"case": "ppo", **result["ppo"]}), flush=True)
+        for variant in args.rollout_variants.split(","):
+            key = "ppo" if variant == "as-is" else f"ppo-{variant}"
+            t = time.perf_counter()
+            result[key] = run_ppo(paths, work, args, device, variant)
+            result[key]["wall_s"] = round(time.perf_counter() - t, 1)
+            if device == "cuda":
+                result[key]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            gc.collect()
+            free(device)
+            print(json.dumps({"case": key, **result[key]}), flush=True)
         prompts = iteration_prompts(paths, args)
         result["engine"] = run_engine(paths, prompts, args, device, serving_settings=False)
         print(json.dumps({"case": "engine", **result["engine"]}), flush=True)
@@ -224,7 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
             dtype = torch.float32 if device == "cpu" else torch.bfloat16
             result["transformers"] = hf_generate(config, device, dtype, prompts, outs, len(prompts))
             print(json.dumps({"case": "transformers", **result["transformers"]}), flush=True)
-    rollout, engine = result["ppo"]["rollout/tokens_per_s"], result["engine"]["output_tok_per_s"]
+    engine = result["engine"]["output_tok_per_s"]
+    for key in [k for k in result if k.startswith("ppo-")]:
+        result[f"rollout_vs_engine_{key[4:]}"] = round(result[key]["rollout/tokens_per_s"] / engine, 3)
+    rollout = result["ppo"]["rollout/tokens_per_s"]
     result["rollout_vs_engine"] = round(rollout / engine, 3)
     result["rollout_alone_vs_engine"] = round(result["rollout_alone"]["output_tok_per_s"] / engine, 3)
     serving = result["engine_serving_settings"]["output_tok_per_s"]
@@ -232,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "transformers" in result:
         result["engine_vs_transformers"] = round(engine / result["transformers"]["output_tok_per_s"], 2)
         result["rollout_vs_transformers"] = round(rollout / result["transformers"]["output_tok_per_s"], 2)
-    print(json.dumps({k: v for k, v in result.items()
-                      if k not in ("ppo", "engine", "engine_serving_settings", "transformers")}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("ppo")
+                      and k not in ("engine", "engine_serving_settings", "transformers")}), flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "ppo_iteration.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
