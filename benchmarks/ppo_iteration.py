@@ -35,6 +35,7 @@ Prints JSON lines; writes $OUT/ppo_iteration.json when $OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -88,10 +90,11 @@ def prepare(work: Path, config: ModelConfig, quick: bool, n_prompts: int, device
 
 
 # What PPO's rollouts may run under, to find where their gap to the engine alone comes from (--rollout-variants):
-# "as-is"; "gc-off": Python's garbage collector paused during each rollout (PPO's heap of tensors and records
-# makes a full collection slow, and the engine's step allocates many small objects); "empty-cache": the CUDA
-# caching allocator emptied before each rollout (the trainer's blocks, of other sizes, released).
-ROLLOUT_VARIANTS = ("as-is", "gc-off", "empty-cache")
+# "as-is" (since 2026-12-02 with Python's garbage collector paused during each rollout: `rl_iteration.collect`);
+# "gc-on": the collector left running, as before (PPO's heap of tensors and records makes a full collection
+# slow, and the engine's steps allocate many small objects); "empty-cache": the CUDA caching allocator emptied
+# before each rollout (the trainer's blocks, of other sizes, released).
+ROLLOUT_VARIANTS = ("as-is", "gc-on", "empty-cache")
 
 
 def rollout_variant(name: str):
@@ -101,13 +104,10 @@ def rollout_variant(name: str):
     def collect(*a, **k):
         if name == "empty-cache":
             torch.cuda.empty_cache()
-        if name != "gc-off":
+        if name != "gc-on":
             return rl_iteration.collect(*a, **k)
-        gc.disable()
-        try:
+        with mock.patch.object(rl_iteration, "gc_paused", contextlib.nullcontext):
             return rl_iteration.collect(*a, **k)
-        finally:
-            gc.enable()
 
     return collect
 
@@ -115,8 +115,6 @@ def rollout_variant(name: str):
 def run_ppo(paths: dict, work: Path, args, device: str, variant: str = "as-is") -> dict:
     """`lmforge ppo` for args.iterations iterations, its rollouts run under `variant` (ROLLOUT_VARIANTS); the
     means of the iterations after the first."""
-    from unittest import mock
-
     import lmforge.align.ppo as ppo_module
     from lmforge.align.ppo import PPOConfig, ppo
     from lmforge.align.rl_iteration import PromptsConfig, RLTrainConfig

@@ -22,6 +22,7 @@ rank 0 holds q = 0, 2 (its local rows 0, 1) and rank 1 q = 1, 3 (its rows 0, 1).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -173,10 +174,29 @@ class Timer:
 
 def collect(engine, tokenizer, prompt_ids: list[list[int]], plan: IterationPlan, cfg: RolloutConfig
             ) -> tuple[list[Sample], list[str]]:
-    """The plan's answers through the engine, and their texts (without </s>), prompt-major as the plan's rows."""
+    """The plan's answers through the engine, and their texts (without </s>), prompt-major as the plan's rows.
+
+    NOTE: Python's garbage collector is paused while the engine runs: a trainer's heap (models, optimizer
+    states, records) makes each full collection long, and the engine's steps allocate the many small objects
+    that trigger them. Measured on one H200 (benchmarks/ppo_iteration.py --rollout-variants): PPO's rollouts at
+    0.737x the engine alone as they were, 0.789x with the collector paused; rollouts free what they allocate by
+    reference counting, and the collector runs again right after."""
     prompts = [prompt_ids[i] for i in plan.prompts]
-    samples = rollout(engine, prompts, cfg.sampling(seed=0), plan.n, seeds=plan.seeds)
+    with gc_paused():
+        samples = rollout(engine, prompts, cfg.sampling(seed=0), plan.n, seeds=plan.seeds)
     return samples, [tokenizer.decode(s.response_ids).strip() for s in samples]
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector inside the block (if it was on), and restore it after."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 @dataclass

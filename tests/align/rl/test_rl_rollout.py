@@ -118,3 +118,42 @@ def test_filters_and_penalties_are_refused(field, value):
     engine = make_engine(policy(), 2, 4, 16)
     with pytest.raises(RolloutConfigError, match=field):
         rollout(engine, PROMPTS, dataclasses.replace(SamplingParams(seed=0), **{field: value}))
+
+
+def test_rollouts_run_with_the_garbage_collector_paused_and_restore_it(monkeypatch):
+    """`collect` (PPO's and GRPO's rollouts) pauses Python's cyclic collector while the engine runs and leaves
+    it as it found it, on or off, also when the rollout raises."""
+    import gc
+
+    from lmforge.align import rl_iteration
+
+    seen = []
+
+    def fake_rollout(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return [Sample(0, 0, [1], [5], "stop")]
+
+    class Tok:
+        def decode(self, ids):
+            return " answer "
+
+    monkeypatch.setattr(rl_iteration, "rollout", fake_rollout)
+
+    class Plan:  # what collect reads of an IterationPlan
+        prompts, n, seeds = [0], 1, [7]
+
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        samples, texts = rl_iteration.collect(None, Tok(), [[1]], Plan(), RolloutConfig())
+        assert seen == [False] and gc.isenabled() and texts == ["answer"]
+        gc.disable()
+        rl_iteration.collect(None, Tok(), [[1]], Plan(), RolloutConfig())
+        assert seen == [False, False] and not gc.isenabled()  # off before: still off
+        gc.enable()
+        monkeypatch.setattr(rl_iteration, "rollout", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            rl_iteration.collect(None, Tok(), [[1]], Plan(), RolloutConfig())
+        assert gc.isenabled()
+    finally:
+        gc.enable() if was else gc.disable()
