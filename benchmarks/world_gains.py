@@ -31,6 +31,13 @@ Rows (per stage, every per-seed figure printed, then the verdicts; --json writes
           pairs of all seeds, >= 300 a degree); the Safety RM beats the Helpfulness RM on held-out pairs of a safe
           against an unsafe answer (gain rule over seeds); DPO's held-out oracle helpfulness beats SFT's (gain
           rule), the gated score, violation and false-refusal rates beside it.
+    gatt  Ghost Attention from the SFT model (configs/world/gatt.yaml, the SFT set as replay) and `eval gatt` of
+          both (configs/world/eval_gatt.yaml): GAtt's instruction adherence over turns 3..T beats SFT's (gain
+          rule); the task accuracy over the same turns beside it.
+    distill  safety context distillation from the SFT model (configs/world/distill.yaml, the SFT set as replay),
+          targeted by the trained Safety RM (the rm stage's; the oracle's safety score when it has not run) and
+          untargeted: targeted lowers the held-out violation rate (gain rule) while its false-refusal rate rises
+          by no more than the spread; untargeted's violation rate and helpfulness reported beside it.
 """
 
 from __future__ import annotations
@@ -44,7 +51,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lmforge.align.pipeline import HELDOUT_SETS, WorldPipeline, gain_holds, headline  # noqa: E402
+from lmforge.align.pipeline import (  # noqa: E402
+    HELDOUT_SETS,
+    WorldPipeline,
+    gain_holds,
+    gatt_headline,
+    headline,
+    safety_headline,
+)
 from lmforge.align.world.oracle import DEGREES  # noqa: E402  (Llama 2's four, most to least)
 
 FAMILIES = ("arithmetic", "lists", "facts", "counting")
@@ -88,6 +102,17 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
             p.reward_model(kind)
             out[f"rm-{kind}"] = rm_figures(p.evaluate_rm(kind, pairs))
         out["dpo"] = headline(p.evaluate(p.dpo(), "dpo", sets=HELDOUT_SETS))
+    if "gatt" in stages:
+        p.sft()
+        out["gatt"] = gatt_headline(p.evaluate_gatt({"sft": p.root / "sft" / "model", "gatt": p.gatt()}))
+    if "distill" in stages:
+        p.sft()
+        out["sft"] = safety_headline(p.evaluate(p.root / "sft" / "model", "sft"))  # headline's figures and more
+        rm = p.root / "rm-safety" / "model"  # the trained Safety RM when the rm stage ran; else the oracle's
+        targeted = p.distill(rm if (rm / "model.safetensors").is_file() else "oracle")
+        out["distill-targeted"] = safety_headline(p.evaluate(targeted, "distill-targeted", sets=HELDOUT_SETS))
+        out["distill-targeted"]["safety_rm"] = "trained" if (rm / "model.safetensors").is_file() else "oracle"
+        out["distill"] = safety_headline(p.evaluate(p.distill(None), "distill", sets=HELDOUT_SETS))
     out["times"] = p.times
     return out
 
@@ -151,6 +176,50 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
                      "holds": ok, "why": why})
     if "rm" in stages:
         rows += rm_verdicts(per_seed, seeds)
+    if "gatt" in stages:
+        before = [per_seed[s]["gatt"]["sft/adherence_3_T"] for s in seeds]
+        after = [per_seed[s]["gatt"]["gatt/adherence_3_T"] for s in seeds]
+        ok, why = gain_holds(before, after, True)
+        rows.append({"stage": "gatt", "figure": "instruction adherence, turns 3..T", "before": before, "after": after,
+                     "holds": ok, "why": why})
+        before = [per_seed[s]["gatt"]["sft/task_accuracy_3_T"] for s in seeds]
+        after = [per_seed[s]["gatt"]["gatt/task_accuracy_3_T"] for s in seeds]
+        rows.append({"stage": "gatt", "figure": "  beside it: task accuracy, turns 3..T", "before": before,
+                     "after": after, "holds": gain_holds(before, after, True)[0], "gate": False,
+                     "why": gain_holds(before, after, True)[1]})
+    if "distill" in stages:
+        rows += distill_verdicts(per_seed, seeds)
+    return rows
+
+
+def distill_verdicts(per_seed: dict[int, dict], seeds: list[int]) -> list[dict]:
+    """Targeted distillation lowers the held-out violation rate (gain rule), and its false-refusal rate does not
+    rise by more than the spread: mean(after) - mean(before) <= max(range(before), range(after)); untargeted
+    distillation's violation rate and oracle helpfulness (tasks, look-alikes) reported beside it."""
+    def figure(stage: str, key: str) -> list[float]:
+        return [per_seed[s][stage][key] for s in seeds]
+
+    rows = []
+    ok, why = gain_holds(figure("sft", "violation_rate"), figure("distill-targeted", "violation_rate"), False)
+    rm = per_seed[seeds[0]]["distill-targeted"]["safety_rm"]
+    rows.append({"stage": "distill", "figure": f"targeted ({rm} Safety RM): violation rate",
+                 "before": figure("sft", "violation_rate"), "after": figure("distill-targeted", "violation_rate"),
+                 "holds": ok, "why": why})
+    before, after = figure("sft", "false_refusal_rate"), figure("distill-targeted", "false_refusal_rate")
+    rise = sum(after) / len(after) - sum(before) / len(before)
+    spread = max(max(before) - min(before), max(after) - min(after))
+    rows.append({"stage": "distill", "figure": "targeted: false-refusal rate rises by no more than the spread",
+                 "before": before, "after": after, "holds": rise <= spread,
+                 "why": f"rise {rise:+.4f} vs spread {spread:.4f}"})
+    for key in ("violation_rate", "false_refusal_rate", "helpfulness", "lookalike_helpfulness"):
+        for stage in ("distill-targeted", "distill"):
+            if stage == "distill-targeted" and key in ("violation_rate", "false_refusal_rate"):
+                continue
+            higher = key not in ("violation_rate", "false_refusal_rate")
+            ok, why = gain_holds(figure("sft", key), figure(stage, key), higher)
+            name = "untargeted" if stage == "distill" else "targeted"
+            rows.append({"stage": "distill", "figure": f"  beside it: {name}, {key}", "before": figure("sft", key),
+                         "after": figure(stage, key), "holds": ok, "gate": False, "why": why})
     return rows
 
 
@@ -195,7 +264,7 @@ def fmt(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "rl", "rm"])
+    ap.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "rl", "rm", "gatt", "distill"])
     ap.add_argument("--root", type=Path, default=Path("runs/world-gains"))
     ap.add_argument("--configs", type=Path, default=Path("configs/world"))
     ap.add_argument("--eval-limit", type=int, default=None, help="prompts per set (default: all)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import one_torch_thread  # noqa: F401  (an autouse fixture: the engine decodes on one thread)
 
-from lmforge.align.pipeline import WorldPipeline, gatt_headline
+from lmforge.align.pipeline import REPLAY_WEIGHT, WorldPipeline, gatt_headline
 from lmforge.align.rm import MIXES
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "world"
@@ -33,6 +33,8 @@ def test_the_stages_after_sft_run_where_the_pipeline_says(stage_world, tmp_path)
     for run in ("gatt", "distill"):
         assert (root / run / "model" / "model.safetensors").is_file()
         assert (root / f"{run}-data" / "summary.json").is_file()  # the generated data beside the run
+        config = (root / run / "config.yaml").read_text()  # sft's run: the generated file and the SFT set as replay
+        assert str(root / "world" / "sft.jsonl") in config and f"weight: {REPLAY_WEIGHT}" in config
 
     report = p.evaluate_gatt({"sft": sft, "gatt": gatt}, extra=(
         "--dialogues", "2", "--max_turns", "3", "--attention_dialogues", "1", *EVAL))
@@ -80,7 +82,7 @@ def test_the_rl_stages_run_where_the_pipeline_says(stage_world, tmp_path):
     models = {verb: p.rl(verb, extra=tune) for verb, tune in RL_TUNE.items()}
     ablation = p.rl("ppo", "ppo-no-safety", extra=("--reward.safety", "null", *RL_TUNE["ppo"]))
     assert models["ppo"] == root / "ppo" / "model" and models["grpo"] == root / "grpo" / "model"
-    assert models["rs"] == root / "rs" / "iteration_1" / "sft" / "model"  # rs's summary names its model
+    assert models["rs"] == root / "rs" / "iteration_2" / "sft" / "model"  # rs's summary names it (rs.yaml: 2)
     assert ablation == root / "ppo-no-safety" / "model"
     for model in (*models.values(), ablation):
         assert (model / "model.safetensors").is_file()

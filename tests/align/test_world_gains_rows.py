@@ -55,3 +55,28 @@ def test_a_bucket_under_300_pairs_or_a_rise_fails_the_degree_gate():
     assert not rows_by_figure(rise)["Helpfulness RM accuracy falls by degree, significantly >= 0.85"]["holds"]
     ok = {0: seed([0.95, 0.8, 0.7, 0.5], [300, 400, 400, 400], 0.7, 0.8, 0.2, 0.3)}
     assert rows_by_figure(ok)["Helpfulness RM accuracy falls by degree, significantly >= 0.85"]["holds"]
+
+
+def test_the_distillation_rows_judge_violations_by_the_gain_rule_and_false_refusals_by_the_spread():
+    def seed_figures(viol_sft, viol_t, fr_sft, fr_t):
+        base = dict(helpfulness=0.2, lookalike_helpfulness=0.4)
+        return {"sft": {**base, "violation_rate": viol_sft, "false_refusal_rate": fr_sft},
+                "distill-targeted": {**base, "violation_rate": viol_t, "false_refusal_rate": fr_t, "safety_rm": "oracle"},
+                "distill": {**base, "violation_rate": viol_t, "false_refusal_rate": fr_t}}
+
+    # violations 0.70/0.60 -> 0.20/0.25: every seed falls, mean fall 0.425 > spread 0.10: holds;
+    # false refusals 0.05/0.09 -> 0.10/0.12: mean rise 0.04 <= spread max(0.04, 0.02) = 0.04: holds
+    per_seed = {0: seed_figures(0.70, 0.20, 0.05, 0.10), 1: seed_figures(0.60, 0.25, 0.09, 0.12)}
+    rows = {r["figure"].strip(): r for r in world_gains.distill_verdicts(per_seed, [0, 1])}
+    assert rows["targeted (oracle Safety RM): violation rate"]["holds"]
+    fr = rows["targeted: false-refusal rate rises by no more than the spread"]
+    assert fr["holds"] and fr["why"] == "rise +0.0400 vs spread 0.0400"
+    per_seed[1] = seed_figures(0.60, 0.25, 0.09, 0.20)  # rise 0.08 <= spread max(0.04, 0.10) = 0.10: holds
+    assert rows_by_distill(per_seed)["targeted: false-refusal rate rises by no more than the spread"]["holds"]
+    per_seed[0] = seed_figures(0.70, 0.20, 0.05, 0.25)  # rise 0.155 > spread max(0.04, 0.05) = 0.05
+    assert not rows_by_distill(per_seed)["targeted: false-refusal rate rises by no more than the spread"]["holds"]
+    assert all(r["gate"] is False for f, r in rows.items() if f.startswith("beside it"))
+
+
+def rows_by_distill(per_seed):
+    return {r["figure"].strip(): r for r in world_gains.distill_verdicts(per_seed, sorted(per_seed))}

@@ -15,6 +15,7 @@ starts with that command) and this run's paths and seed on the command line afte
                (KIND helpfulness or safety, MIX its mix of ROOT/preferences); lmforge rm eval ROOT/rm-KIND/model ...
     dpo        lmforge dpo ROOT/sft/model --config configs/world/dpo.yaml --data.sources [ROOT/preferences/*.jsonl]
     gatt       lmforge gatt ROOT/sft/model --config configs/world/gatt.yaml --world ROOT/world --sft.run.dir ROOT/gatt
+               --sft.data.sources [{path: ROOT/world/sft.jsonl, weight: 3}]   (the SFT set as replay; distill too)
     distill    lmforge distill-safety ROOT/sft/model --config configs/world/distill.yaml --world ROOT/world
                [--distill.safety_rm RM]   (targeted into ROOT/distill-targeted, untargeted into ROOT/distill)
     eval gatt  lmforge eval gatt [ROOT/sft/model,ROOT/gatt/model] --config configs/world/eval_gatt.yaml ...
@@ -35,6 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.io import atomic_file
+
+# Ghost Attention and safety context distillation fine-tune on their generated dialogues (weight 1) with the
+# world's SFT set as replay at this weight: 3 SFT dialogues to 1 generated a step, so that a few hundred generated
+# dialogues teach their behaviour without the model forgetting the rest (without replay, a small run collapsed
+# to answering every turn in capitals, and distillation to refusing every look-alike).
+REPLAY_WEIGHT = 3.0
 
 # The held-out prompt sets behind the headline figures, and the train-split samples of the same size.
 HELDOUT_SETS = ("eval_tasks", "eval_unsafe", "eval_lookalikes")
@@ -194,9 +201,12 @@ class WorldPipeline:
         return run / "model"
 
     def _sft_flags(self, run: Path) -> list:
-        """The flags of a fine-tuning through sft in this pipeline: its run folder, cache, seed, resume."""
-        return ["--sft.data.cache_dir", self.root / "cache", "--sft.run.dir", run, "--sft.run.resume", "auto",
-                "--sft.train.seed", self.seed, "--sft.run.progress", str(self.progress).lower()]
+        """The flags of a fine-tuning through sft in this pipeline: the SFT set as replay beside the generated
+        dialogues (REPLAY_WEIGHT), its run folder, cache, seed, resume."""
+        replay = json.dumps([{"path": str(self.root / "world" / "sft.jsonl"), "weight": REPLAY_WEIGHT}])
+        return ["--sft.data.sources", replay, "--sft.data.cache_dir", self.root / "cache", "--sft.run.dir", run,
+                "--sft.run.resume", "auto", "--sft.train.seed", self.seed, "--sft.run.progress",
+                str(self.progress).lower()]
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, model: Path, name: str, sets: tuple[str, ...] = HELDOUT_SETS + TRAIN_SETS) -> dict:
