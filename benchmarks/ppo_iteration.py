@@ -25,6 +25,9 @@ What runs, all in this process on one device:
   - transformers' `generate` (serving.py's `hf_generate`: random weights of the same shapes, bf16, one static
     batch of all the prompts, greedy with exactly --max-new-tokens tokens).
   - PPO's rollout path alone (`rollout.rollout` on a fresh `make_engine`, PPO's sampling), outside PPO.
+  - The engine alone and the rollout path alone warmed up on iteration 1's prompts and measured on iteration 2's
+    (as PPO's engine meets each iteration's batch for the first time; the cases above warm up on the very prompts
+    they measure).
 The ratios: rollout_vs_engine = PPO's rollout tokens/s over the engine's output tokens/s (what the rollout path
 costs beyond the engine: per-request bookkeeping, detokenisation), rollout_alone_vs_engine (the same path outside
 PPO: what of the gap is the path's, what is PPO's), engine_vs_transformers.
@@ -141,8 +144,8 @@ def run_ppo(paths: dict, work: Path, args, device: str, variant: str = "as-is") 
     return out
 
 
-def iteration_prompts(paths: dict, args) -> list[list[int]]:
-    """The token ids of iteration 2's prompts (a measured one), as PPO encodes them."""
+def iteration_prompts(paths: dict, args, k: int = 1) -> list[list[int]]:
+    """The token ids of iteration k + 1's prompts (default: iteration 2's, a measured one), as PPO encodes them."""
     from lmforge.align.prompts import PromptSchedule
     from lmforge.align.rl_iteration import PromptsConfig, read_prompts
     from lmforge.tokenizer import Tokenizer
@@ -150,10 +153,11 @@ def iteration_prompts(paths: dict, args) -> list[list[int]]:
     tok = Tokenizer(paths["policy"] / "tokenizer.model")
     records, ids = read_prompts(PromptsConfig(files=[str(paths["prompts"])], per_iteration=args.prompts), tok,
                                 args.max_seq_len, args.max_new_tokens)
-    return [ids[i] for i in PromptSchedule(len(records), args.prompts, 0).iteration(1)]
+    return [ids[i] for i in PromptSchedule(len(records), args.prompts, 0).iteration(k)]
 
 
-def run_engine(paths: dict, prompts: list[list[int]], args, device: str, serving_settings: bool) -> dict:
+def run_engine(paths: dict, prompts: list[list[int]], args, device: str, serving_settings: bool,
+               warm_prompts: list[list[int]] | None = None) -> dict:
     """The engine alone at PPO's batch, every answer exactly max_new_tokens long: made as PPO makes it
     (`rollout.make_engine`), or with serving.py's settings (pre-fill chunks of 4096 tokens, the pool of 80% of
     the free memory)."""
@@ -173,14 +177,15 @@ def run_engine(paths: dict, prompts: list[list[int]], args, device: str, serving
         engine = make_engine(policy, eos_id=eos, batch_size=args.prompts, max_prompts=len(prompts))
         del policy
     outs = [args.max_new_tokens] * len(prompts)
-    drive(engine, prompts, outs, None)  # warm-up
+    drive(engine, warm_prompts or prompts, outs, None)  # warm-up (on other prompts: as PPO's engine meets each batch)
     res = drive(engine, prompts, outs, None)
     del engine
     free(device)
     return res
 
 
-def run_rollout_alone(paths: dict, prompts: list[list[int]], args, device: str) -> dict:
+def run_rollout_alone(paths: dict, prompts: list[list[int]], args, device: str,
+                      warm_prompts: list[list[int]] | None = None) -> dict:
     """PPO's own rollout path (`rollout.rollout` over `make_engine`, PPO's sampling settings: temperature 1,
     answers ending at </s>) on a fresh engine outside PPO: the part of the gap to the engine alone that is the
     rollout path's, against the part that is running inside PPO (the trainer's memory, its warm caches)."""
@@ -194,7 +199,7 @@ def run_rollout_alone(paths: dict, prompts: list[list[int]], args, device: str) 
     del policy
     params = RolloutConfig(temperature=1.0, max_new_tokens=args.max_new_tokens, batch_size=args.prompts).sampling(0)
     seeds = [1000 * b for b in range(len(prompts))]
-    rollout(engine, prompts, params, seeds=seeds)  # warm-up
+    rollout(engine, warm_prompts or prompts, params, seeds=seeds)  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -252,6 +257,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({"case": "engine", **result["engine"]}), flush=True)
         result["rollout_alone"] = run_rollout_alone(paths, prompts, args, device)
         print(json.dumps({"case": "rollout_alone", **result["rollout_alone"]}), flush=True)
+        # warmed up on iteration 1's prompts, measured on iteration 2's: PPO's engine meets every batch first
+        warm = iteration_prompts(paths, args, 0)
+        result["engine_warmed_elsewhere"] = run_engine(paths, prompts, args, device, False, warm)
+        print(json.dumps({"case": "engine_warmed_elsewhere", **result["engine_warmed_elsewhere"]}), flush=True)
+        result["rollout_alone_warmed_elsewhere"] = run_rollout_alone(paths, prompts, args, device, warm)
+        print(json.dumps({"case": "rollout_alone_warmed_elsewhere", **result["rollout_alone_warmed_elsewhere"]}),
+              flush=True)
         result["engine_serving_settings"] = run_engine(paths, prompts, args, device, serving_settings=True)
         print(json.dumps({"case": "engine_serving_settings", **result["engine_serving_settings"]}), flush=True)
         outs = [args.max_new_tokens] * len(prompts)
@@ -265,13 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
     rollout = result["ppo"]["rollout/tokens_per_s"]
     result["rollout_vs_engine"] = round(rollout / engine, 3)
     result["rollout_alone_vs_engine"] = round(result["rollout_alone"]["output_tok_per_s"] / engine, 3)
+    for case in ("engine_warmed_elsewhere", "rollout_alone_warmed_elsewhere"):
+        result[f"{case}_vs_engine"] = round(result[case]["output_tok_per_s"] / engine, 3)
     serving = result["engine_serving_settings"]["output_tok_per_s"]
     result["rollout_vs_engine_serving_settings"] = round(rollout / serving, 3)
     if "transformers" in result:
         result["engine_vs_transformers"] = round(engine / result["transformers"]["output_tok_per_s"], 2)
         result["rollout_vs_transformers"] = round(rollout / result["transformers"]["output_tok_per_s"], 2)
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("ppo")
-                      and k not in ("engine", "engine_serving_settings", "transformers")}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}), flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "ppo_iteration.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
