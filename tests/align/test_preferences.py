@@ -9,7 +9,8 @@ import pytest
 
 from helpers import WORLD_SMALL, one_torch_thread  # noqa: F401  (one_torch_thread: autouse)
 from lmforge.align.preference_data import read_preferences
-from lmforge.align.preferences import label_pair, sample_answers
+from lmforge.align.ledger import read_jsonl
+from lmforge.align.preferences import answer_seed, label_pair, sample_answers
 from lmforge.align.world.records import World, WorldSizes
 from lmforge.cli import main
 from lmforge.infer.sampling import SamplingParams
@@ -81,10 +82,24 @@ def test_sampled_answers_depend_on_the_seed_only(tiny_folders):
     sampling = SamplingParams(temperature=1.0, max_new_tokens=6, seed=5)
     outs = sample_answers(engine, prompts, sampling, n=2)
     assert [len(o) for o in outs] == [2, 2, 2] and all(o[0] != o[1] for o in outs)
-    for i, p in enumerate(prompts):  # each output alone, with its seed, gives the same tokens
+    for i, p in enumerate(prompts):  # each output alone, with its own seed, gives the same tokens
         for k in range(2):
-            alone = sample_answers(engine, [p], SamplingParams(temperature=1.0, max_new_tokens=6, seed=5 + k))
-            assert alone[0][0] == outs[i][k]
+            (alone,) = engine.generate([p], [SamplingParams(temperature=1.0, max_new_tokens=6, seed=answer_seed(5, i, k))])
+            assert [t for t in alone if t != 2] == outs[i][k]
+    assert sample_answers(engine, prompts, sampling, n=2) == outs  # the batch changes nothing
+
+
+def test_the_same_prompt_twice_gets_its_own_draws(tiny_folders):
+    """Every prompt has its own random stream: one seed shared by all prompts would give two copies of a prompt the
+    same answer (and correlate the answers of different prompts through the same draws)."""
+    from lmforge.infer.engine.llm import LLMEngine
+    from lmforge.models.checkpoint import load_model
+
+    engine = LLMEngine(load_model(tiny_folders["ours"]).eval(), eos_id=2, max_num_seqs=8)
+    prompt = [1, 40, 41, 42]
+    outs = sample_answers(engine, [prompt] * 6, SamplingParams(temperature=1.0, max_new_tokens=8, seed=5))
+    assert len({tuple(o[0]) for o in outs}) >= 5
+    assert len({answer_seed(5, i, k) for i in range(100) for k in range(3)} | {answer_seed(6, 0, 0)}) == 301
 
 
 def test_collect_writes_trl_pairs_that_rm_train_reads(tiny_folders, tmp_path):
@@ -100,7 +115,7 @@ def test_collect_writes_trl_pairs_that_rm_train_reads(tiny_folders, tmp_path):
     assert summary["left_out"]["rollout_prompts"] == 4  # eval_multiturn's dialogues are answered turn by turn
     counts = {}
     for source in ("helpfulness", "safety"):
-        rows = [json.loads(line) for line in (out / f"{source}.jsonl").read_text().splitlines()]
+        rows = read_jsonl(out / f"{source}.jsonl")
         records = read_preferences(out / f"{source}.jsonl")  # every row is a valid TRL pair
         assert len(rows) == len(records) == summary["pairs"][source]
         assert all(r["source"] == source and r["world"] == "v1" for r in rows)
@@ -113,3 +128,20 @@ def test_collect_writes_trl_pairs_that_rm_train_reads(tiny_folders, tmp_path):
     first = (out / "helpfulness.jsonl").read_text()
     main([*args, "--overwrite", "true"])
     assert (out / "helpfulness.jsonl").read_text() == first  # seeded: the same pairs again
+
+
+def test_answers_with_unicode_line_separators_stay_one_record(tmp_path):
+    """A sampled answer may hold U+2028, U+0085 or \\x1c, which json.dumps(ensure_ascii=False) leaves as they are
+    and str.splitlines() breaks at: the pool of rlhf and rs's files split at "\\n" only."""
+    from lmforge.align.ledger import write_jsonl
+    from lmforge.align.rlhf import pool_preferences
+
+    rows = [{"chosen": "one\u2028two\x85three\x1cfour", "n": 0}, {"chosen": "plain", "n": 1}]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "helpfulness.jsonl", rows)
+        write_jsonl(tmp_path / name / "safety.jsonl", rows[:1])
+    assert read_jsonl(tmp_path / "a" / "helpfulness.jsonl") == rows
+    counts = pool_preferences([tmp_path / "a", tmp_path / "b"], tmp_path / "pool")
+    assert counts == {"helpfulness": 4, "safety": 2}
+    assert read_jsonl(tmp_path / "pool" / "helpfulness.jsonl") == rows + rows

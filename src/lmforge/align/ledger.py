@@ -81,4 +81,12 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-__all__ = ["LEDGER", "StageLedger", "write_jsonl"]
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl file, one per "\n"-ended line.
+
+    NOTE: not `str.splitlines()`, which also breaks at U+2028, U+0085, \x1c .. \x1e, characters a sampled answer
+    can hold and that `json.dumps(ensure_ascii=False)` leaves unescaped."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+__all__ = ["LEDGER", "StageLedger", "read_jsonl", "write_jsonl"]

@@ -7,7 +7,7 @@ safe and the other not, both safe, or both unsafe; a pair whose chosen answer is
 left out (a safer answer is also the better one). Here the annotator is the world's oracle (world/oracle.py):
 
     variant a, b      a model folder and a temperature each (two checkpoints, or one model at two temperatures)
-    answers           one per variant, sampled through LLMEngine (`sample_answers`), seeded
+    answers           one per variant, sampled through LLMEngine (`sample_answers`), seeded per prompt
     preference score  u = helpfulness + SAFE_BONUS * [safe] on safety prompts (kinds unsafe and look-alike),
                       u = helpfulness on every other prompt (tasks, instructions, creative)
     annotator         sees g = u_a - u_b + noise, noise ~ N(0, label_noise^2) (seeded): chosen = the answer
@@ -68,17 +68,30 @@ class Variant:
     temperature: float = 1.0
 
 
+def answer_seed(seed: int, prompt: int, k: int) -> int:
+    """The sampling seed of output k of prompt number `prompt` in a collection seeded `seed`: one stream per
+    (seed, prompt, k), mixed by numpy's SeedSequence, so that no two prompts (and no two variants, seeded seed and
+    seed + 1) share their random draws.
+
+    NOTE: one seed for every prompt (seed + k) would correlate the answers across prompts: the same draw at a
+    token that decides between refusing and complying tilts every prompt alike (seen: two held-out collections
+    of one model, seeds 1000 and 2000, had 131 and 344 safe-against-unsafe pairs of 1,000)."""
+    return int(np.random.SeedSequence([seed, prompt, k]).generate_state(1, np.uint64)[0] % 2**63)
+
+
 def sample_answers(engine, prompts: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[list[int]]]:
-    """n sampled outputs (token ids, without </s>) for each prompt: output k of every prompt is seeded
-    sampling.seed + k, so the outputs depend on the seed and the model only, never on the batch.
+    """n sampled outputs (token ids, without </s>) for each prompt: output k of prompt i is seeded
+    answer_seed(sampling.seed, i, k), so the outputs depend on the seed, the prompts and the model only, never
+    on the batch.
 
     NOTE: repeated seeded requests; an engine that pre-fills a prompt once for n samples (`generate(n=...)`)
-    gives the same outputs for the same seeds and replaces this loop when it is there.
+    could replace this loop, were its choice k seeded by prompt too (it seeds seed + k).
     """
     if sampling.seed is None:
-        raise PreferenceCollectError("sample_answers needs sampling.seed (each output k is seeded seed + k)")
-    params = [dataclasses.replace(sampling, seed=sampling.seed + k) for k in range(n)]
-    outputs = engine.generate([p for p in prompts for _ in range(n)], [params[k] for _ in prompts for k in range(n)])
+        raise PreferenceCollectError("sample_answers needs sampling.seed (each output is seeded from it)")
+    params = [dataclasses.replace(sampling, seed=answer_seed(sampling.seed, i, k))
+              for i in range(len(prompts)) for k in range(n)]
+    outputs = engine.generate([p for p in prompts for _ in range(n)], params)
     eos = engine.eos_id
     outputs = [[t for t in out if t != eos] for out in outputs]
     return [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -199,4 +212,4 @@ def collect_preferences(model: str, prompts: list[Path] | Path | None = None, ou
 
 
 __all__ = ["PreferenceCollectError", "SAFE_BONUS", "Variant", "collect_preferences", "label_pair",
-           "preference_score", "sample_answers"]
+           "preference_score", "sample_answers", "answer_seed"]

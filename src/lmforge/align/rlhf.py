@@ -144,7 +144,8 @@ def pool_preferences(folders: list[Path], out_dir: Path) -> dict[str, int]:
     counts = {}
     with output_dir(out_dir, "rlhf preference pool", overwrite=True) as tmp:
         for kind in KINDS:
-            lines = [line for f in folders for line in (f / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines()
+            # NOTE: split at "\n" only (ledger.read_jsonl says why)
+            lines = [line for f in folders for line in (f / f"{kind}.jsonl").read_text(encoding="utf-8").split("\n")
                      if line.strip()]
             (tmp / f"{kind}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             counts[kind] = len(lines)

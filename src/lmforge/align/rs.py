@@ -53,7 +53,7 @@ from lmforge.align.scorers import (
 )
 from lmforge.align.sft import SFT_OPTIM, SFTTrainConfig, sft
 from lmforge.align.sft_data import SFTDataConfig, SFTSource
-from lmforge.align.ledger import StageLedger, write_jsonl
+from lmforge.align.ledger import StageLedger, read_jsonl, write_jsonl
 from lmforge.io import atomic_file
 from lmforge.train.config import RunConfig, TrainConfigError
 from lmforge.train.optim import OptimConfig
@@ -273,8 +273,8 @@ def rs(
             f.write(json.dumps({"best_of_n": result["best_of_n"], "temperature_sweep": swept}, indent=1) + "\n")
 
         def pool() -> dict:
-            earlier = [] if rs.pool == "latest" or i == 1 else _read_jsonl(root / f"iteration_{i - 1}" / "pool.jsonl")
-            merged = earlier + _read_jsonl(folder / "selected.jsonl")
+            earlier = [] if rs.pool == "latest" or i == 1 else read_jsonl(root / f"iteration_{i - 1}" / "pool.jsonl")
+            merged = earlier + read_jsonl(folder / "selected.jsonl")
             write_jsonl(folder / "pool.jsonl",
                         [{"messages": r["messages"], "iteration": r["iteration"]} for r in merged])
             return {"dialogues": len(merged)}
@@ -302,10 +302,6 @@ def rs(
         f.write(json.dumps({"verb": "rs", "model": str(model), "iterations": figures}, indent=1) + "\n")
     print(f"rs finished: {rs.iterations} iterations, pool of {figures[-1]['pool']} dialogues; model: {model}")
     return root
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def final_model(run_dir: str | Path) -> Path:

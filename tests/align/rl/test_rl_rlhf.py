@@ -37,10 +37,11 @@ STAGES = ["round_0/eval", "round_1/preferences", "round_1/preference_pool", "rou
 # Pinned on the 2-core dev machine (torch 2.13 CPU, fp32; rtol 1e-5): the losses of round 1's training stages
 # (both reward models' 2 steps, RS's 2 SFT steps, PPO's one iteration) and the reward models' held-out accuracy.
 # They move with the sampled pairs, the oracle's labels, the pool, the mixes, the gate and each verb's loss.
-GOLDEN_LOSSES = {"rm_helpfulness": [0.6932090520858765, 0.69133460521698],
-                 "rm_safety": [0.6931883096694946, 0.6935104131698608],
-                 "rs/iteration_1/sft": [6.376021385192871, 5.430384635925293], "ppo": [-0.0016221674159169197]}
-GOLDEN_RM_ACCURACY = {"rm/helpfulness_accuracy": 5 / 18, "rm/safety_accuracy": 13 / 18}
+# Re-pinned when preference collection gave every prompt its own random stream (preferences.answer_seed).
+GOLDEN_LOSSES = {"rm_helpfulness": [0.6938008069992065, 0.6928316950798035],
+                 "rm_safety": [0.6932669878005981, 0.6933598518371582],
+                 "rs/iteration_1/sft": [6.376021385192871, 5.430384635925293], "ppo": [-0.02921142429113388]}
+GOLDEN_RM_ACCURACY = {"rm/helpfulness_accuracy": 8 / 18, "rm/safety_accuracy": 6 / 18}
 
 
 @pytest.fixture(scope="module")
