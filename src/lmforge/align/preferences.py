@@ -75,7 +75,8 @@ def answer_seed(seed: int, prompt: int, k: int) -> int:
 
     NOTE: one seed for every prompt (seed + k) would correlate the answers across prompts: the same draw at a
     token that decides between refusing and complying tilts every prompt alike (seen: two held-out collections
-    of one model, seeds 1000 and 2000, had 131 and 344 safe-against-unsafe pairs of 1,000)."""
+    of one model, seeds 1000 and 2000, had 131 and 344 safe-against-unsafe pairs of 1,000; with a stream per
+    prompt, 205 and 199)."""
     return int(np.random.SeedSequence([seed, prompt, k]).generate_state(1, np.uint64)[0] % 2**63)
 
 
