@@ -30,7 +30,9 @@ Rows (per stage, every per-seed figure printed, then the verdicts; --json writes
           pairs falls from "significantly better" to "negligibly better", significantly better >= 0.85 (the
           pairs of all seeds, >= 300 a degree); the Safety RM beats the Helpfulness RM on held-out pairs of a safe
           against an unsafe answer (gain rule over seeds); DPO's held-out oracle helpfulness beats SFT's (gain
-          rule), the gated score, violation and false-refusal rates beside it.
+          rule), the gated score, violation and false-refusal rates beside it. With rl too: one iteration of
+          rejection sampling selecting with the trained reward models' gate; the oracle score of the answer it
+          selects rises with K (every seed, K = 1..8).
     gatt  Ghost Attention from the SFT model (configs/world/gatt.yaml, the SFT set as replay) and `eval gatt` of
           both (configs/world/eval_gatt.yaml): GAtt's instruction adherence over turns 3..T beats SFT's (gain
           rule); the task accuracy over the same turns beside it.
@@ -102,6 +104,12 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
             p.reward_model(kind)
             out[f"rm-{kind}"] = rm_figures(p.evaluate_rm(kind, pairs))
         out["dpo"] = headline(p.evaluate(p.dpo(), "dpo", sets=HELDOUT_SETS))
+        if "rl" in stages:  # rejection sampling's best of K with the trained reward models' gate (one iteration)
+            rms = ("--reward.helpfulness", p.root / "rm-helpfulness" / "model", "--reward.safety",
+                   p.root / "rm-safety" / "model", "--rs.iterations", "1")
+            p.rl("rs", "rs-rm", extra=rms)
+            diagnostics = json.loads((p.root / "rs-rm" / "iteration_1" / "diagnostics.json").read_text())
+            out["rs-rm"] = {"oracle_of_selected_by_k": diagnostics["best_of_n"]["oracle_of_selected"]}
     if "gatt" in stages:
         p.sft()
         out["gatt"] = gatt_headline(p.evaluate_gatt({"sft": p.root / "sft" / "model", "gatt": p.gatt()}))
@@ -176,6 +184,12 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
                      "holds": ok, "why": why})
     if "rm" in stages:
         rows += rm_verdicts(per_seed, seeds)
+        if "rs-rm" in per_seed[seeds[0]]:
+            curves = [per_seed[s]["rs-rm"]["oracle_of_selected_by_k"] for s in seeds]
+            ok = all(all(b > a for a, b in zip(c, c[1:])) for c in curves)
+            rows.append({"stage": "rs", "figure": "trained RMs' gate: oracle score of the selected answer rises with K",
+                         "after": [c[-1] - c[0] for c in curves], "holds": ok,
+                         "why": "; ".join(" ".join(f"{v:.3f}" for v in c) for c in curves)})
     if "gatt" in stages:
         before = [per_seed[s]["gatt"]["sft/adherence_3_T"] for s in seeds]
         after = [per_seed[s]["gatt"]["gatt/adherence_3_T"] for s in seeds]
