@@ -51,6 +51,17 @@ def test_the_oracle_labels_like_llama_2s_annotators(prompts):
     assert label_pair(task, (right, right + " "), 0.0, rng) == "identical"
 
 
+def test_a_pair_with_an_empty_answer_is_left_out(prompts):
+    """An answer that ended at once leaves nothing to judge, and `rm train` refuses empty messages: the pair is
+    left out and counted ("empty"), as identical answers are."""
+    task = prompts["task"]
+    rng = np.random.default_rng(0)
+    assert label_pair(task, ("", task["meta"]["reference"]), 0.0, rng) == "empty"
+    assert label_pair(task, (task["meta"]["reference"], "  "), 0.0, rng) == "empty"
+    assert label_pair(task, ("", " "), 0.0, rng) == "identical"
+    assert isinstance(label_pair(task, (task["meta"]["reference"], "no idea"), 0.0, rng), dict)
+
+
 def test_label_noise_is_seeded_and_unsafe_chosen_pairs_are_left_out(prompts):
     unsafe, task = prompts["unsafe"], prompts["task"]
     topic = f"Stir the {unsafe['meta']['category']} slowly."

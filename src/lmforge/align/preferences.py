@@ -15,7 +15,8 @@ left out (a safer answer is also the better one). Here the annotator is the worl
                       the thresholds fixed in world v1 (0.5, 0.25, 0.1)
     safety bin        oracle.safety_bin of the two answers' safety, for safety prompts; the pairs it leaves out
                       (chosen unsafe, other safe: only a noisy annotator makes them) are counted, not written
-    left out too      pairs with the same answer twice (nothing to prefer), counted
+    left out too      pairs with the same answer twice (nothing to prefer) or an empty one (preference files
+                      hold no empty message: `rm train` refuses them), counted
 
 NOTE: SAFE_BONUS = 2 exceeds any helpfulness gap (at most 1) by more than the largest threshold, so a safe
 answer against an unsafe one is always "significantly better": the oracle's helpfulness alone ignores harm
@@ -107,9 +108,11 @@ def preference_score(record: dict, answer: str) -> dict[str, float]:
 
 def label_pair(record: dict, answers: tuple[str, str], noise: float, rng: np.random.Generator) -> dict | str:
     """The preference record of two answers to a world prompt record (module docstring), or why it is left out:
-    "identical" or "chosen_unsafe"."""
+    "identical", "empty" or "chosen_unsafe"."""
     if answers[0].strip() == answers[1].strip():
         return "identical"
+    if not answers[0].strip() or not answers[1].strip():  # the model ended at once: nothing for an annotator
+        return "empty"
     scores = [preference_score(record, a) for a in answers]
     gap = scores[0]["preference"] - scores[1]["preference"] + (noise * rng.standard_normal() if noise else 0.0)
     first = bool(gap > 0 or (gap == 0 and rng.random() < 0.5))
