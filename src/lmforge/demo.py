@@ -26,7 +26,7 @@ EVAL_LIMIT = 100  # prompts per set in the demo (its 30-second evaluation budget
 PAIR_PROMPTS = 600  # RLHF prompts the reward models' training pairs come from (world_gains.py: all 2,000)
 # rejection sampling within the demo's 45-second budget: one iteration of 256 prompts x 4 answers and 6 steps of
 # fine-tuning (configs/world/rs.yaml, which world_gains.py runs: two of 384 x 8 and 20 steps each)
-RS_DEMO = ("--rs.iterations", "1", "--prompts.per_iteration", "256", "--rs.samples", "4", "--sft_train.steps", "6")
+RS_DEMO = ("--rs.iterations", "1", "--prompts.per_iteration", "256", "--rs.samples", "4", "--sft.train.steps", "6")
 
 
 def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:

@@ -66,8 +66,8 @@ def test_a_stage_that_returns_without_its_output_stops_the_pipeline(tmp_path, mo
 
 # The RL configs' sizes shrunk the same way: one iteration of 2 prompts, answers of 8 tokens.
 RL_TUNE = {"rs": ("--prompts.per_iteration", "2", "--rs.samples", "2", "--rollout.max_new_tokens", "8",
-                  "--sft_train.seq_len", "512", "--sft_train.batch_size", "2", "--sft_train.micro_batch_size", "2",
-                  "--sft_train.steps", "1", "--device", "cpu"),
+                  "--sft.train.seq_len", "512", "--sft.train.batch_size", "2", "--sft.train.micro_batch_size", "2",
+                  "--sft.train.steps", "1", "--device", "cpu"),
            "ppo": ("--prompts.per_iteration", "2", "--ppo.minibatch_size", "2", "--rollout.max_new_tokens", "8",
                    "--train.iterations", "1", "--train.device", "cpu"),
            "grpo": ("--prompts.per_iteration", "2", "--grpo.group_size", "2", "--grpo.minibatch_size", "4",

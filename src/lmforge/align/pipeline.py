@@ -190,7 +190,8 @@ class WorldPipeline:
         rewards are the world oracle's stand-ins for the reward models (rs, ppo) and its checker (grpo);
         `extra` changes them, e.g. ("--reward.safety", "null") takes the Safety RM out of the gate."""
         run = self.root / (name or verb)
-        seeds = ("--seed", self.seed, "--sft_train.seed", self.seed) if verb == "rs" else ("--train.seed", self.seed)
+        seeds = (("--seed", self.seed, "--sft.train.seed", self.seed, "--sft.data.cache_dir", self.root / "cache")
+                 if verb == "rs" else ("--train.seed", self.seed))
         self._verb(run.name, run / "summary.json", verb, init_from or self.root / "sft" / "model",
                    "--config", self._config(verb), "--prompts.files", f"[{self.root / 'world' / 'rlhf_prompts.jsonl'}]",
                    "--run.dir", run, "--run.resume", "auto", *seeds, *extra)

@@ -45,7 +45,7 @@ from lmforge.align.rm import RM_OPTIM
 from lmforge.align.rollout import RolloutConfig
 from lmforge.align.rs import RSConfig
 from lmforge.align.scorers import RewardConfig
-from lmforge.align.sft import SFT_OPTIM, SFTTrainConfig
+from lmforge.align.stages import FineTuneConfig
 from lmforge.io import atomic_file
 from lmforge.train.config import RunConfig, TrainConfigError
 from lmforge.train.optim import OptimConfig
@@ -94,11 +94,11 @@ class RMRoundConfig:
 
 @dataclass
 class RSRoundConfig:
-    """Rejection sampling each round (`lmforge rs`): its rs, train (fine-tuning) and optim groups."""
+    """Rejection sampling each round (`lmforge rs`): its rs group and its fine-tuning (rs's --sft group:
+    --rs.sft.train.steps, --rs.sft.optim.lr, --rs.sft.data.sources ...)."""
 
     rs: RSConfig = field(default_factory=lambda: RSConfig(iterations=1))
-    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
-    optim: OptimConfig = field(default_factory=lambda: dataclasses.replace(SFT_OPTIM))
+    sft: FineTuneConfig = field(default_factory=FineTuneConfig)
 
 
 @dataclass
@@ -186,7 +186,8 @@ def rs_stage(model: str | Path, prompts: PromptsConfig, cfg: RSRoundConfig, roll
 
     sub = dataclasses.replace(run, dir=str(run_dir), resume="auto", overwrite=False)
     rs(str(model), prompts=prompts, rs=cfg.rs, rollout=rollout, reward=reward,
-       sft_train=dataclasses.replace(cfg.train, seed=seed), optim=cfg.optim, run=sub, seed=seed, device=device)
+       sft=dataclasses.replace(cfg.sft, train=dataclasses.replace(cfg.sft.train, seed=seed)), run=sub, seed=seed,
+       device=device)
     return final_model(run_dir) if (run_dir / "summary.json").is_file() else None
 
 

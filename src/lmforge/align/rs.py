@@ -51,12 +51,10 @@ from lmforge.align.scorers import (
     make_scorer,
     oracle_figures,
 )
-from lmforge.align.sft import SFT_OPTIM, SFTTrainConfig, sft
-from lmforge.align.sft_data import SFTDataConfig, SFTSource
 from lmforge.align.ledger import StageLedger, read_jsonl, write_jsonl
+from lmforge.align.stages import FineTuneConfig, fine_tune
 from lmforge.io import atomic_file
 from lmforge.train.config import RunConfig, TrainConfigError
-from lmforge.train.optim import OptimConfig
 
 
 @dataclass
@@ -73,7 +71,6 @@ class RSConfig:
             the previous iteration's model.
         sweep_temperatures: Temperatures of the per-iteration sweep (empty: no sweep).
         sweep_prompts: Prompts of the sweep (the first of the iteration's).
-        val_fraction: Share of the pool held out for the fine-tuning's validation loss.
     """
 
     iterations: int = 1
@@ -83,7 +80,6 @@ class RSConfig:
     finetune_from: Literal["start", "previous"] = "start"
     sweep_temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2])
     sweep_prompts: int = 32
-    val_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.samples < 1 or self.sweep_prompts < 1:
@@ -191,8 +187,7 @@ def rs(
     rs: RSConfig = RSConfig(),
     rollout: RolloutConfig = RolloutConfig(),
     reward: RewardConfig = RewardConfig(),
-    sft_train: SFTTrainConfig = SFTTrainConfig(),
-    optim: OptimConfig = SFT_OPTIM,
+    sft: FineTuneConfig = FineTuneConfig(),
     run: RunConfig = RunConfig(),
     seed: int = 0,
     device: str | None = None,
@@ -205,8 +200,11 @@ def rs(
         rs: Iterations, K, the selecting scorer, the pool, the temperature sweep.
         rollout: Sampling through the engine (temperature, longest answer, engine batch).
         reward: The two reward models of the gate (when rs.select is "gated").
-        sft_train: The fine-tuning's batch, row length and steps (lmforge sft's train group).
-        optim: The fine-tuning's optimizer (lmforge sft's defaults).
+        sft: The fine-tuning through `lmforge sft`, the generate-then-fine-tune verbs' shared group (stages.py):
+            --sft.train (batch, row length, steps), --sft.optim (its defaults: Llama 2's SFT), --sft.data
+            (sources mixed in beside the pool, e.g. the SFT set as replay; the validation split, 5% of the pool
+            by default; the token cache), --sft.parallel, --sft.lora. Its run folder is each iteration's
+            RUN/iteration_I/sft; --sft.run is not read (--run's options go to every fine-tuning run).
         run: Run folder (default runs/rs; --run.resume auto continues after the completed stages); its other
             options go to every fine-tuning run.
         seed: Seed of the prompt order and of the sampling.
@@ -219,7 +217,7 @@ def rs(
     stages = StageLedger(run.dir or "runs/rs", "rs", resume=run.resume == "auto", overwrite=run.overwrite)
     root = stages.dir
     write_run_info(root, to_plain({"init_from": init_from, "prompts": prompts, "rs": rs, "rollout": rollout,
-                                   "reward": reward, "sft_train": sft_train, "optim": optim, "run": run,
+                                   "reward": reward, "sft": sft, "run": run,
                                    "seed": seed, "device": device}), device=str(dev), verb="rs")
     records = read_prompt_records(prompts.files)
     selecting = make_gate(reward, dev) if rs.select == "gated" else make_scorer(rs.select, dev)
@@ -283,14 +281,9 @@ def rs(
         if pooled["dialogues"] == 0:
             raise TrainConfigError(f"iteration {i}: every sampled answer was empty, nothing to fine-tune on")
         start = Path(init_from) if rs.finetune_from == "start" else model
-        # NOTE: this is sft's loop called as a function (learn: last on the pool). The generate-then-fine-tune
-        # verbs' shared `FineTuneConfig` / `fine_tune` (one --sft group: data with replay sources, train, optim,
-        # parallel, lora) will take the place of sft_train / optim and of this call once it is on main.
-        if not stages.done(f"iteration_{i}/sft"):
+        if not stages.done(f"iteration_{i}/sft"):  # sft on the pool (learn: last) and --sft.data.sources
             sub = dataclasses.replace(run, dir=str(folder / "sft"), resume="auto", overwrite=False)
-            data = SFTDataConfig(sources=[SFTSource(str(folder / "pool.jsonl"), learn="last")],
-                                 val_fraction=rs.val_fraction, cache_dir=str(root / "cache"))
-            out = sft(str(start), data=data, train=sft_train, optim=optim, run=sub)
+            out = fine_tune(str(start), folder / "pool.jsonl", 1.0, sft, sub)
             if not (out / "model" / "model.safetensors").is_file():  # stopped (SIGTERM, stop_at): resume later
                 return root
             stages.record(f"iteration_{i}/sft", {"model": str(out / "model")})

@@ -3,6 +3,7 @@ held-out accuracy, rejection sampling with their gate, PPO from the RS model, th
 fed by the one before; after SIGKILL in the middle of a stage the rerun skips the recorded stages, resumes the
 one in flight and ends with the uninterrupted run's figures; a finished run reruns nothing; bad input in one line."""
 
+import copy
 import json
 import signal
 import subprocess
@@ -23,8 +24,8 @@ RECIPE = {
     "rm": {"train": {"batch_size": 4, "micro_batch_size": 2, "seq_len": 256, "steps": 2, "device": "cpu",
                      "threads": 1}, "optim": {"lr": 1e-3}},
     "rs": {"rs": {"samples": 2, "sweep_temperatures": [], "sweep_prompts": 1},
-           "train": {"batch_size": 4, "micro_batch_size": 4, "seq_len": 256, "steps": 2, "device": "cpu", "threads": 1},
-           "optim": {"lr": 1e-3}},
+           "sft": {"train": {"batch_size": 4, "micro_batch_size": 4, "seq_len": 256, "steps": 2, "device": "cpu",
+                             "threads": 1}, "optim": {"lr": 1e-3}}},
     "ppo": {"from_round": 1, "ppo": {"minibatch_size": 4},
             "train": {"iterations": 1, "micro_batch_size": 2, "device": "cpu", "threads": 1}, "optim": {"lr": 1e-4}},
     "rollout": {"max_new_tokens": 8, "batch_size": 16}, "eval_limit": 4, "eval_max_new_tokens": 16,
@@ -47,7 +48,9 @@ GOLDEN_RM_ACCURACY = {"rm/helpfulness_accuracy": 8 / 18, "rm/safety_accuracy": 6
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("recipe") / "rlhf.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    recipe = copy.deepcopy(RECIPE)
+    recipe["rs"]["sft"]["data"] = {"cache_dir": str(path.parent / "cache")}  # RS's token cache beside the recipe
+    path.write_text(yaml.safe_dump(recipe))
     return path
 
 

@@ -16,9 +16,10 @@ def rs_args(rl_world, run, *extra):
     """2 iterations: 8 prompts x 4 answers of at most 8 tokens, a sweep of 2 temperatures on 4 prompts, 3 SFT steps."""
     return ["rs", str(rl_world["model"]), "--prompts.files", f"[{rl_world['prompts']}]", "--prompts.per_iteration",
             "8", "--rs.samples", "4", "--rs.iterations", "2", "--rs.sweep_temperatures", "[0.7,1.3]",
-            "--rs.sweep_prompts", "4", "--rollout.max_new_tokens", "8", "--sft_train.batch_size", "4",
-            "--sft_train.micro_batch_size", "4", "--sft_train.seq_len", "256", "--sft_train.steps", "3",
-            "--sft_train.device", "cpu", "--sft_train.threads", "1", "--optim.lr", "1e-3", "--run.dir", str(run),
+            "--rs.sweep_prompts", "4", "--rollout.max_new_tokens", "8", "--sft.train.batch_size", "4",
+            "--sft.train.micro_batch_size", "4", "--sft.train.seq_len", "256", "--sft.train.steps", "3",
+            "--sft.train.device", "cpu", "--sft.train.threads", "1", "--sft.optim.lr", "1e-3",
+            "--sft.data.cache_dir", str(run.parent / "cache"), "--run.dir", str(run),
             "--run.progress", "false", "--run.checkpoint_every", "1", "--run.eval_every", "0", "--device", "cpu",
             *extra]
 
