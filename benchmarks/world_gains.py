@@ -18,7 +18,8 @@ Rows (per stage, every per-seed figure printed, then the verdicts; --json writes
           the world oracle stands in for both reward models in Llama 2's gate, GRPO uses the world's checker):
           rejection sampling's held-out gated oracle score (pipeline.gated_oracle_score: Llama 2's gate with
           the oracle as both reward models, greedy answers, K = 1) beats SFT; the oracle score of the answer the
-          gate selects rises with K (every seed, K = 1..4, RS's diagnostics); PPO and GRPO each beat SFT on the
+          gate selects rises with K (every seed, K = 1..8; `rs.oracle_curve`: the oracle's safety on unsafe
+          requests, its helpfulness elsewhere); PPO and GRPO each beat SFT on the
           held-out gated oracle score, their last iteration's KL to the start printed beside; helpfulness on
           the tasks, violation and false-refusal rates are printed under each (reported, not gates); PPO
           with the Safety RM taken out of the gate (--reward.safety null) has a higher held-out
@@ -61,6 +62,7 @@ from lmforge.align.pipeline import (  # noqa: E402
     headline,
     safety_headline,
 )
+from lmforge.align.rs import oracle_curve  # noqa: E402
 from lmforge.align.world.oracle import DEGREES  # noqa: E402  (Llama 2's four, most to least)
 
 FAMILIES = ("arithmetic", "lists", "facts", "counting")
@@ -91,8 +93,7 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
             out[name] = headline(p.evaluate(model, name, sets=HELDOUT_SETS))
             if verb != "rs":
                 out[name]["kl"] = last_figures(p.root / name)["kl"]
-        diagnostics = json.loads((p.root / "rs" / "iteration_1" / "diagnostics.json").read_text())
-        out["rs"]["oracle_of_selected_by_k"] = diagnostics["best_of_n"]["oracle_of_selected"]
+        out["rs"]["oracle_of_selected_by_k"] = oracle_curve(p.root / "rs" / "iteration_1", rlhf_records(p))
     if "rm" in stages:
         p.sft()
         out.setdefault("sft", headline(p.evaluate(p.root / "sft" / "model", "sft")))
@@ -108,8 +109,7 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
             rms = ("--reward.helpfulness", p.root / "rm-helpfulness" / "model", "--reward.safety",
                    p.root / "rm-safety" / "model", "--rs.iterations", "1")
             p.rl("rs", "rs-rm", extra=rms)
-            diagnostics = json.loads((p.root / "rs-rm" / "iteration_1" / "diagnostics.json").read_text())
-            out["rs-rm"] = {"oracle_of_selected_by_k": diagnostics["best_of_n"]["oracle_of_selected"]}
+            out["rs-rm"] = {"oracle_of_selected_by_k": oracle_curve(p.root / "rs-rm" / "iteration_1", rlhf_records(p))}
     if "gatt" in stages:
         p.sft()
         out["gatt"] = gatt_headline(p.evaluate_gatt({"sft": p.root / "sft" / "model", "gatt": p.gatt()}))
@@ -123,6 +123,13 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
         out["distill"] = safety_headline(p.evaluate(p.distill(None), "distill", sets=HELDOUT_SETS))
     out["times"] = p.times
     return out
+
+
+def rlhf_records(p: WorldPipeline) -> list[dict]:
+    """The RLHF prompt records rejection sampling's samples.jsonl indexes ("prompt")."""
+    from lmforge.align.prompts import read_prompt_records
+
+    return read_prompt_records([str(p.root / "world" / "rlhf_prompts.jsonl")])
 
 
 def rm_figures(report: dict) -> dict:
@@ -175,7 +182,7 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
                              "after": figure(name, key), "holds": ok, "gate": False, "why": why})
         curves = figure("rs", "oracle_of_selected_by_k")
         ok = all(all(b > a for a, b in zip(c, c[1:])) for c in curves)
-        rows.append({"stage": "rs", "figure": "oracle score of the selected answer, K = 1..4, rises",
+        rows.append({"stage": "rs", "figure": "oracle score of the selected answer, K = 1..8, rises",
                      "after": [c[-1] - c[0] for c in curves], "holds": ok,
                      "why": "; ".join(" ".join(f"{v:.3f}" for v in c) for c in curves)})
         ok, why = gain_holds(figure("ppo", "violation_rate"), figure("ppo-no-safety", "violation_rate"), True)

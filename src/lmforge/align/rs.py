@@ -23,9 +23,9 @@ Figure 7) and against the temperature (Figure 8) are the diagnostics.
     RUN/summary.json               the final model and each iteration's figures
 
 The diagnostics, for N = 1 .. K over the iteration's prompts: the mean of the maximum and of the median of the
-first N answers' scores under the selecting scorer, and under the oracle the mean score of the answer the
-selecting scorer picks among the first N (what rejection sampling actually keeps) beside the oracle's own
-maximum and median. Note that N = 1 is plain sampling: the selected answer's oracle score rising with N is
+first N answers' scores under the selecting scorer, and under the oracle (its safety on unsafe requests, its
+helpfulness elsewhere: `gated_oracle`) the mean score of the answer the selecting scorer picks among the first N
+(what rejection sampling actually keeps) beside the oracle's own maximum and median. Note that N = 1 is plain sampling: the selected answer's oracle score rising with N is
 the gain the fine-tuning can distil.
 """
 
@@ -118,12 +118,34 @@ def best_of_n(scores: np.ndarray, oracle: np.ndarray | None, nonempty: np.ndarra
 
 
 def _oracle(records: list[dict], answers: list[str]) -> np.ndarray | None:
-    """The oracle's helpfulness of each answer, or None when the prompts are not chat-world records."""
+    """The oracle's score of each answer by Llama 2's gate (`gated_oracle`), or None when the prompts are not
+    chat-world records."""
     if any(not (r.get("meta") or {}).get("kind") for r in records):
         return None
-    from lmforge.align.world.oracle import helpfulness
+    return np.array([gated_oracle(r, a) for r, a in zip(records, answers)])
 
-    return np.array([helpfulness(r, a) for r, a in zip(records, answers)])
+
+def gated_oracle(record: dict, answer: str) -> float:
+    """The world oracle's score of `answer` as Llama 2's gate would judge it: its safety on an unsafe request,
+    its helpfulness elsewhere (the rule of pipeline.gated_oracle_score, per answer).
+
+    NOTE: helpfulness alone prefers complying with an unsafe request to refusing it, so a gate that selects the
+    refusal would look worse with K: with trained reward models on the world, the helpfulness of the selected
+    answer fell from 0.235 at K = 1 to 0.225 at K = 8 while the selection turned to refusals."""
+    from lmforge.align.world.oracle import helpfulness, safety
+
+    return safety(record, answer) if record["meta"]["kind"] == "unsafe" else helpfulness(record, answer)
+
+
+def oracle_curve(iteration_dir: str | Path, records: list[dict]) -> list[float]:
+    """The gated oracle's score of the selected answer for N = 1 .. K (best_of_n's "oracle_of_selected"), from an
+    iteration's samples.jsonl (each prompt's answers and their selection scores) and the prompt `records` its
+    "prompt" indices point into."""
+    rows = read_jsonl(Path(iteration_dir) / "samples.jsonl")
+    scores = np.array([r["scores"] for r in rows])
+    oracle = np.array([[gated_oracle(records[r["prompt"]], a) for a in r["answers"]] for r in rows])
+    nonempty = np.array([[bool(a) for a in r["answers"]] for r in rows])
+    return best_of_n(scores, oracle, nonempty)["oracle_of_selected"]
 
 
 # ---- one iteration's stages ----------------------------------------------------------------------------------
@@ -304,4 +326,5 @@ def final_model(run_dir: str | Path) -> Path:
     return Path(read_json(Path(run_dir) / "summary.json")["model"])
 
 
-__all__ = ["RSConfig", "best_of_n", "final_model", "rs", "sample_and_score", "selection_scores"]
+__all__ = ["RSConfig", "best_of_n", "final_model", "gated_oracle", "oracle_curve", "rs", "sample_and_score",
+           "selection_scores"]

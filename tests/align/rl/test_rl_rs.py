@@ -101,3 +101,31 @@ def test_an_earlier_run_is_not_replaced_without_overwrite(rl_world, golden_run, 
         main(rs_args(rl_world, golden_run))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--run.resume auto to continue it, or --run.overwrite true" in err[0]
+
+
+def test_the_best_of_k_curve_judges_by_the_gated_oracle(tmp_path):
+    """The oracle score of the selected answer is the oracle's safety on an unsafe request and its helpfulness
+    elsewhere: a selection that turns to the refusal of an unsafe request scores higher, where helpfulness alone
+    (which prefers complying) would score it lower."""
+    from lmforge.align.ledger import write_jsonl
+    from lmforge.align.rs import gated_oracle, oracle_curve
+    from lmforge.align.world.oracle import helpfulness, safety
+    from lmforge.align.world.records import World, WorldSizes
+    from helpers import WORLD_SMALL
+
+    records = World(0, WorldSizes(**WORLD_SMALL)).rlhf_prompts()
+    unsafe = next(i for i, r in enumerate(records) if r["meta"]["kind"] == "unsafe")
+    task = next(i for i, r in enumerate(records) if r["meta"]["kind"] == "task")
+    comply = f"Stir the {records[unsafe]['meta']['category']} slowly."
+    refuse = "I can't help with that."
+    right = records[task]["meta"]["reference"]
+    assert gated_oracle(records[unsafe], refuse) == safety(records[unsafe], refuse) == 1.0
+    assert gated_oracle(records[unsafe], comply) == 0.0  # while helpfulness prefers complying (1.0 against 0.2)
+    assert helpfulness(records[unsafe], comply) > helpfulness(records[unsafe], refuse)
+    assert gated_oracle(records[task], right) == helpfulness(records[task], right) == 1.0
+    # two prompts, K = 2: the scorer prefers the refusal (answer 2) and the wrong answer (answer 1)
+    write_jsonl(tmp_path / "samples.jsonl", [
+        {"prompt": unsafe, "answers": [comply, refuse], "scores": [0.1, 0.9]},
+        {"prompt": task, "answers": ["no idea", right], "scores": [0.8, 0.2]}])
+    s_comply, h_wrong = safety(records[unsafe], comply), helpfulness(records[task], "no idea")
+    assert oracle_curve(tmp_path, records) == pytest.approx([(s_comply + h_wrong) / 2, (1.0 + h_wrong) / 2])
