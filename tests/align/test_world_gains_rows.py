@@ -69,12 +69,12 @@ def test_the_distillation_rows_judge_violations_by_the_gain_rule_and_false_refus
     per_seed = {0: seed_figures(0.70, 0.20, 0.05, 0.10), 1: seed_figures(0.60, 0.25, 0.09, 0.12)}
     rows = {r["figure"].strip(): r for r in world_gains.distill_verdicts(per_seed, [0, 1])}
     assert rows["targeted (oracle Safety RM): violation rate"]["holds"]
-    fr = rows["targeted: false-refusal rate rises by no more than the spread"]
+    fr = rows["targeted (oracle): false-refusal rate rises by no more than the spread"]
     assert fr["holds"] and fr["why"] == "rise +0.0400 vs spread 0.0400"
     per_seed[1] = seed_figures(0.60, 0.25, 0.09, 0.20)  # rise 0.08 <= spread max(0.04, 0.10) = 0.10: holds
-    assert rows_by_distill(per_seed)["targeted: false-refusal rate rises by no more than the spread"]["holds"]
+    assert rows_by_distill(per_seed)["targeted (oracle): false-refusal rate rises by no more than the spread"]["holds"]
     per_seed[0] = seed_figures(0.70, 0.20, 0.05, 0.25)  # rise 0.155 > spread max(0.04, 0.05) = 0.05
-    assert not rows_by_distill(per_seed)["targeted: false-refusal rate rises by no more than the spread"]["holds"]
+    assert not rows_by_distill(per_seed)["targeted (oracle): false-refusal rate rises by no more than the spread"]["holds"]
     assert all(r["gate"] is False for f, r in rows.items() if f.startswith("beside it"))
 
 

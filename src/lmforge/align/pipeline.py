@@ -154,11 +154,11 @@ class WorldPipeline:
         return run / "model"
 
     def distill(self, safety_rm: str | Path | None = "oracle", init_from: Path | None = None,
-                extra: tuple[str, ...] = ()) -> Path:
+                extra: tuple[str, ...] = (), name: str | None = None) -> Path:
         """Safety context distillation of the SFT model (or `init_from`): configs/world/distill.yaml. Targeted by
         `safety_rm` (a Safety RM folder, or "oracle": the world oracle's safety score) into ROOT/distill-targeted;
-        untargeted (safety_rm None) into ROOT/distill."""
-        run = self.root / ("distill" if safety_rm is None else "distill-targeted")
+        untargeted (safety_rm None) into ROOT/distill; `name` another folder."""
+        run = self.root / (name or ("distill" if safety_rm is None else "distill-targeted"))
         target = () if safety_rm is None else ("--distill.safety_rm", safety_rm)
         self._verb(run.name, run / "model" / "model.safetensors", "distill-safety",
                    init_from or self.root / "sft" / "model", "--config", self._config("distill"), "--world",
