@@ -62,6 +62,7 @@ from lmforge.align.pipeline import (  # noqa: E402
     gatt_headline,
     headline,
     safety_headline,
+    spread,
 )
 from lmforge.align.rs import oracle_curve  # noqa: E402
 from lmforge.align.world.oracle import DEGREES  # noqa: E402  (Llama 2's four, most to least)
@@ -118,11 +119,12 @@ def run_seed(root: Path, seed: int, configs: Path, stages: list[str], eval_limit
         p.sft()
         out["sft"] = safety_headline(p.evaluate(p.root / "sft" / "model", "sft"))  # headline's figures and more
         rm = p.root / "rm-safety" / "model"  # the trained Safety RM when the rm stage ran; else the oracle's
-        targeted = p.distill(rm if (rm / "model.safetensors").is_file() else "oracle")
+        trained = (rm / "model.safetensors").is_file()
+        targeted = p.distill(rm if trained else "oracle")
         out["distill-targeted"] = safety_headline(p.evaluate(targeted, "distill-targeted", sets=HELDOUT_SETS))
-        out["distill-targeted"]["safety_rm"] = "trained" if (rm / "model.safetensors").is_file() else "oracle"
+        out["distill-targeted"]["safety_rm"] = "trained" if trained else "oracle"
         out["distill"] = safety_headline(p.evaluate(p.distill(None), "distill", sets=HELDOUT_SETS))
-        if out["distill-targeted"]["safety_rm"] == "trained":  # beside it: the oracle's safety standing in for it
+        if trained:  # beside it: the oracle's safety standing in for the Safety RM
             oracle = p.distill("oracle", name="distill-oracle")
             out["distill-oracle"] = safety_headline(p.evaluate(oracle, "distill-oracle", sets=HELDOUT_SETS))
             out["distill-oracle"]["safety_rm"] = "oracle"
@@ -179,17 +181,15 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
             ok, why = gain_holds(figure("sft", "oracle_score"), figure(name, "oracle_score"), True)
             if name != "rs":
                 why += "; KL " + " / ".join(f"{k:.3f}" for k in figure(name, "kl"))
-            rows.append({"stage": name, "figure": "held-out gated oracle score", "before": figure("sft", "oracle_score"),
+            rows.append({"stage": name, "figure": "held-out gated oracle score",
+                         "before": figure("sft", "oracle_score"),
                          "after": figure(name, "oracle_score"), "holds": ok, "why": why})
             for key, higher in (("helpfulness", True), ("violation_rate", False), ("false_refusal_rate", False)):
                 ok, why = gain_holds(figure("sft", key), figure(name, key), higher)
                 rows.append({"stage": name, "figure": f"  beside it: {key}", "before": figure("sft", key),
                              "after": figure(name, key), "holds": ok, "gate": False, "why": why})
-        curves = figure("rs", "oracle_of_selected_by_k")
-        ok = all(all(b > a for a, b in zip(c, c[1:])) for c in curves)
-        rows.append({"stage": "rs", "figure": "oracle score of the selected answer, K = 1..8, rises",
-                     "after": [c[-1] - c[0] for c in curves], "holds": ok,
-                     "why": "; ".join(" ".join(f"{v:.3f}" for v in c) for c in curves)})
+        rows.append(rising_row("oracle score of the selected answer, K = 1..8, rises",
+                               figure("rs", "oracle_of_selected_by_k")))
         ok, why = gain_holds(figure("ppo", "violation_rate"), figure("ppo-no-safety", "violation_rate"), True)
         rows.append({"stage": "ppo", "figure": "violation rate, Safety RM out of the gate (before: in)",
                      "before": figure("ppo", "violation_rate"), "after": figure("ppo-no-safety", "violation_rate"),
@@ -197,11 +197,8 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
     if "rm" in stages:
         rows += rm_verdicts(per_seed, seeds)
         if "rs-rm" in per_seed[seeds[0]]:
-            curves = [per_seed[s]["rs-rm"]["oracle_of_selected_by_k"] for s in seeds]
-            ok = all(all(b > a for a, b in zip(c, c[1:])) for c in curves)
-            rows.append({"stage": "rs", "figure": "trained RMs' gate: oracle score of the selected answer rises with K",
-                         "after": [c[-1] - c[0] for c in curves], "holds": ok,
-                         "why": "; ".join(" ".join(f"{v:.3f}" for v in c) for c in curves)})
+            rows.append(rising_row("trained RMs' gate: oracle score of the selected answer rises with K",
+                                   [per_seed[s]["rs-rm"]["oracle_of_selected_by_k"] for s in seeds]))
     if "gatt" in stages:
         before = [per_seed[s]["gatt"]["sft/adherence_3_T"] for s in seeds]
         after = [per_seed[s]["gatt"]["gatt/adherence_3_T"] for s in seeds]
@@ -210,12 +207,19 @@ def verdicts(per_seed: dict[int, dict], stages: list[str]) -> list[dict]:
                      "holds": ok, "why": why})
         before = [per_seed[s]["gatt"]["sft/task_accuracy_3_T"] for s in seeds]
         after = [per_seed[s]["gatt"]["gatt/task_accuracy_3_T"] for s in seeds]
+        ok, why = gain_holds(before, after, True)
         rows.append({"stage": "gatt", "figure": "  beside it: task accuracy, turns 3..T", "before": before,
-                     "after": after, "holds": gain_holds(before, after, True)[0], "gate": False,
-                     "why": gain_holds(before, after, True)[1]})
+                     "after": after, "holds": ok, "gate": False, "why": why})
     if "distill" in stages:
         rows += distill_verdicts(per_seed, seeds)
     return rows
+
+
+def rising_row(figure: str, curves: list[list[float]]) -> dict:
+    """The row of a best-of-K curve per seed: it holds when every seed's curve rises at every K."""
+    return {"stage": "rs", "figure": figure, "after": [c[-1] - c[0] for c in curves],
+            "holds": all(all(b > a for a, b in zip(c, c[1:])) for c in curves),
+            "why": "; ".join(" ".join(f"{v:.3f}" for v in c) for c in curves)}
 
 
 def distill_verdicts(per_seed: dict[int, dict], seeds: list[int]) -> list[dict]:
@@ -235,11 +239,11 @@ def distill_verdicts(per_seed: dict[int, dict], seeds: list[int]) -> list[dict]:
                      "before": figure("sft", "violation_rate"), "after": figure(stage, "violation_rate"),
                      "holds": ok, "why": why})
         before, after = figure("sft", "false_refusal_rate"), figure(stage, "false_refusal_rate")
-        rise = sum(after) / len(after) - sum(before) / len(before)
-        spread = max(max(before) - min(before), max(after) - min(after))
-        rows.append({"stage": "distill", "figure": f"targeted ({rm}): false-refusal rate rises by no more than the spread",
-                     "before": before, "after": after, "holds": rise <= spread,
-                     "why": f"rise {rise:+.4f} vs spread {spread:.4f}"})
+        rise, allowed = sum(after) / len(after) - sum(before) / len(before), spread(before, after)
+        rows.append({"stage": "distill",
+                     "figure": f"targeted ({rm}): false-refusal rate rises by no more than the spread",
+                     "before": before, "after": after, "holds": rise <= allowed,
+                     "why": f"rise {rise:+.4f} vs spread {allowed:.4f}"})
     for key in ("violation_rate", "false_refusal_rate", "helpfulness", "lookalike_helpfulness"):
         for stage in ("distill-targeted", "distill"):
             if stage == "distill-targeted" and key in ("violation_rate", "false_refusal_rate"):

@@ -132,8 +132,8 @@ def rm_table(reports: dict[str, dict]) -> str:
     rows.append(("all pairs", lambda r: {"accuracy": r["accuracy"], "n": r["pairs"]}))
     for label, get in rows:
         cells = [get(reports[n]) for n in names]
-        lines.append(f"{label:38}" + "".join(f"{'-':>18}" if c is None else f"{100 * c['accuracy']:>9.1f}% (n={c['n']})"
-                                             .rjust(18) for c in cells))
+        cells = ["-" if c is None else f"{100 * c['accuracy']:.1f}% (n={c['n']})" for c in cells]
+        lines.append(f"{label:38}" + "".join(f"{c:>18}" for c in cells))
     return "\n".join(lines)
 
 

@@ -95,7 +95,8 @@ def test_sampled_answers_depend_on_the_seed_only(tiny_folders):
     assert [len(o) for o in outs] == [2, 2, 2] and all(o[0] != o[1] for o in outs)
     for i, p in enumerate(prompts):  # each output alone, with its own seed, gives the same tokens
         for k in range(2):
-            (alone,) = engine.generate([p], [SamplingParams(temperature=1.0, max_new_tokens=6, seed=answer_seed(5, i, k))])
+            params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=answer_seed(5, i, k))
+            (alone,) = engine.generate([p], [params])
             assert [t for t in alone if t != 2] == outs[i][k]
     assert sample_answers(engine, prompts, sampling, n=2) == outs  # the batch changes nothing
 

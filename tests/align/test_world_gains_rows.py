@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("world_gains", Path(__file__).parents[2] / "benchmarks" / "world_gains.py")
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "world_gains.py"
+SPEC = importlib.util.spec_from_file_location("world_gains", SCRIPT)
 world_gains = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(world_gains)
 DEGREES = world_gains.DEGREES
@@ -61,7 +62,8 @@ def test_the_distillation_rows_judge_violations_by_the_gain_rule_and_false_refus
     def seed_figures(viol_sft, viol_t, fr_sft, fr_t):
         base = dict(helpfulness=0.2, lookalike_helpfulness=0.4)
         return {"sft": {**base, "violation_rate": viol_sft, "false_refusal_rate": fr_sft},
-                "distill-targeted": {**base, "violation_rate": viol_t, "false_refusal_rate": fr_t, "safety_rm": "oracle"},
+                "distill-targeted": {**base, "violation_rate": viol_t, "false_refusal_rate": fr_t,
+                                     "safety_rm": "oracle"},
                 "distill": {**base, "violation_rate": viol_t, "false_refusal_rate": fr_t}}
 
     # violations 0.70/0.60 -> 0.20/0.25: every seed falls, mean fall 0.425 > spread 0.10: holds;
@@ -74,7 +76,8 @@ def test_the_distillation_rows_judge_violations_by_the_gain_rule_and_false_refus
     per_seed[1] = seed_figures(0.60, 0.25, 0.09, 0.20)  # rise 0.08 <= spread max(0.04, 0.10) = 0.10: holds
     assert rows_by_distill(per_seed)["targeted (oracle): false-refusal rate rises by no more than the spread"]["holds"]
     per_seed[0] = seed_figures(0.70, 0.20, 0.05, 0.25)  # rise 0.155 > spread max(0.04, 0.05) = 0.05
-    assert not rows_by_distill(per_seed)["targeted (oracle): false-refusal rate rises by no more than the spread"]["holds"]
+    fr = rows_by_distill(per_seed)["targeted (oracle): false-refusal rate rises by no more than the spread"]
+    assert not fr["holds"]
     assert all(r["gate"] is False for f, r in rows.items() if f.startswith("beside it"))
 
 

@@ -319,8 +319,12 @@ def gain_holds(before: list[float], after: list[float], higher_is_better: bool =
     sign = 1.0 if higher_is_better else -1.0
     each = all(sign * (a - b) > 0 for b, a in zip(before, after))
     gain = sign * (sum(after) / len(after) - sum(before) / len(before))
-    spread = max(max(before) - min(before), max(after) - min(after))
-    holds = each and gain > spread
+    holds = each and gain > spread(before, after)
     verdict = "holds" if holds else "does not hold"
     why = "every seed gains" if each else "not every seed gains"
-    return holds, f"{verdict}: {why}; mean gain {gain:+.4f} vs spread {spread:.4f}"
+    return holds, f"{verdict}: {why}; mean gain {gain:+.4f} vs spread {spread(before, after):.4f}"
+
+
+def spread(before: list[float], after: list[float]) -> float:
+    """The seeds' spread the gain rule measures a gain against: max(range(before), range(after))."""
+    return max(max(before) - min(before), max(after) - min(after))

@@ -215,5 +215,5 @@ def collect_preferences(model: str, prompts: list[Path] | Path | None = None, ou
     return summary
 
 
-__all__ = ["PreferenceCollectError", "SAFE_BONUS", "Variant", "collect_preferences", "label_pair",
-           "preference_score", "sample_answers", "answer_seed"]
+__all__ = ["PreferenceCollectError", "SAFE_BONUS", "Variant", "answer_seed", "collect_preferences", "label_pair",
+           "preference_score", "sample_answers"]

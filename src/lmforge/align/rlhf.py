@@ -36,7 +36,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.align.ledger import StageLedger
+from lmforge.align.ledger import StageLedger, read_jsonl, write_jsonl
 from lmforge.align.grpo import GRPOConfig
 from lmforge.align.pair_training import PairTrainConfig
 from lmforge.align.ppo import PPO_OPTIM, PPOConfig
@@ -144,11 +144,9 @@ def pool_preferences(folders: list[Path], out_dir: Path) -> dict[str, int]:
     counts = {}
     with output_dir(out_dir, "rlhf preference pool", overwrite=True) as tmp:
         for kind in KINDS:
-            # NOTE: split at "\n" only (ledger.read_jsonl says why)
-            lines = [line for f in folders for line in (f / f"{kind}.jsonl").read_text(encoding="utf-8").split("\n")
-                     if line.strip()]
-            (tmp / f"{kind}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            counts[kind] = len(lines)
+            pairs = [r for f in folders for r in read_jsonl(f / f"{kind}.jsonl")]
+            write_jsonl(tmp / f"{kind}.jsonl", pairs)
+            counts[kind] = len(pairs)
         (tmp / "summary.json").write_text(json.dumps({"from": [str(f) for f in folders], "pairs": counts}) + "\n")
     return counts
 

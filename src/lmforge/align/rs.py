@@ -25,8 +25,8 @@ Figure 7) and against the temperature (Figure 8) are the diagnostics.
 The diagnostics, for N = 1 .. K over the iteration's prompts: the mean of the maximum and of the median of the
 first N answers' scores under the selecting scorer, and under the oracle (its safety on unsafe requests, its
 helpfulness elsewhere: `gated_oracle`) the mean score of the answer the selecting scorer picks among the first N
-(what rejection sampling actually keeps) beside the oracle's own maximum and median. Note that N = 1 is plain sampling: the selected answer's oracle score rising with N is
-the gain the fine-tuning can distil.
+(what rejection sampling actually keeps) beside the oracle's own maximum and median. Note that N = 1 is plain
+sampling: the selected answer's oracle score rising with N is the gain the fine-tuning can distil.
 """
 
 from __future__ import annotations

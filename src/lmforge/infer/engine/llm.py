@@ -387,28 +387,25 @@ class LLMEngine:
         what one call may ask), so 5,000 prompts run through a queue of 1,024 without a refusal."""
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         pending = deque(zip(prompts, params))
-        ids: list[str] = []
+        results: dict[str, list[int]] = {}  # request id -> its tokens, in prompt order
         live: set[str] = set()
 
         def admit() -> None:
             # at least one when nothing runs, so that a queue too small for n refuses instead of waiting forever
             while pending and (self.scheduler.room() >= n or not live):
                 p, s = pending.popleft()
-                new = [self.add_request(p, s)] if n == 1 else self.add_samples(p, s, n)
-                ids.extend(new)
-                live.update(new)
+                for i in [self.add_request(p, s)] if n == 1 else self.add_samples(p, s, n):
+                    results[i] = []
+                    live.add(i)
 
         admit()
-        results: dict[str, list[int]] = {i: [] for i in ids}
         while live:
             for out in self.step():
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
             live.intersection_update(self.seqs)
-            before = len(ids)
             admit()
-            results.update({i: [] for i in ids[before:]})
-        return [results[i] for i in ids]
+        return list(results.values())
 
     async def stream(
         self, prompt_ids: Seq[int], sampling: SamplingParams | None = None, request_id: str | None = None
