@@ -14,7 +14,7 @@ from lmforge import ModelConfig, Transformer
 from lmforge.align.eval_chat import answer_prompts, engine_answerer, read_records, score_answers
 from lmforge.align.world import oracle, safety
 from lmforge.align.world.build import build_world
-from lmforge.align.world.common import stream
+from lmforge.align.world.common import VERSION, stream
 from lmforge.align.world.instructions import apply
 from lmforge.align.world.records import World, WorldSizes, prompt_record
 from lmforge.cli import main
@@ -178,7 +178,7 @@ def test_verb_end_to_end(tiny, tmp_path, capsys):
     report = json.loads(out.read_text())
     rows = [json.loads(line) for line in (tmp_path / "report.answers.jsonl").read_text().splitlines()]
     assert len(rows) == report["records"] == 12 and report["answers"] == 9 + 3 * SMALL["multiturn_turns"]
-    assert report["sampling"]["max_new_tokens"] == 6 and report["world"] == "v1"
+    assert report["sampling"]["max_new_tokens"] == 6 and report["world"] == VERSION
     rescored = score_answers(rows, [r["answer"] for r in rows])
     assert {k: v for k, v in report.items() if k in rescored} == json.loads(json.dumps(rescored))
     with pytest.raises(SystemExit):  # the report exists: replaced only with --overwrite true
@@ -187,15 +187,18 @@ def test_verb_end_to_end(tiny, tmp_path, capsys):
     main(args + ["--overwrite", "true"])
 
 
+def _line(messages, kind="task", world=VERSION) -> str:
+    return json.dumps({"world": world, "messages": messages, "meta": {"kind": kind}})
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "JSON object"),
-    ('{"world": "v2", "messages": [{"role": "user", "content": "hi"}], "meta": {"kind": "task"}}', "world 'v2'"),
-    ('{"world": "v1", "messages": [{"role": "assistant", "content": "hi"}], "meta": {"kind": "task"}}', "user"),
-    ('{"world": "v1", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
-     '"meta": {"kind": "task"}}', "ends with a user message"),
-    ('{"world": "v1", "messages": "hi", "meta": {"kind": "task"}}', "messages must be"),
-    ('{"world": "v1", "messages": [{"role": "user", "content": "hi"}], "meta": {"kind": "essay"}}', "meta.kind"),
+    (_line([{"role": "user", "content": "hi"}], world="v0"), "world 'v0'"),
+    (_line([{"role": "assistant", "content": "hi"}]), "user"),
+    (_line([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), "ends with a user message"),
+    (_line("hi"), "messages must be"),
+    (_line([{"role": "user", "content": "hi"}], kind="essay"), "meta.kind"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"

@@ -101,7 +101,7 @@ def test_the_preference_reward_model_and_dpo_stages_run_where_the_pipeline_says(
     shutil.copytree(stage_world.world, root / "world")
     shutil.copytree(stage_world.model_dir, root / "sft" / "model")
     p = WorldPipeline(root, seed=2, configs=CONFIGS)
-    collect = ("--limit", "4", "--max_new_tokens", "8", "--device", "cpu")
+    collect = ("--limit", "12", "--max_new_tokens", "8", "--device", "cpu")  # 12: unsafe prompts among them
     train = p.preferences(extra=collect)
     heldout = p.preferences("preferences-heldout", ("eval_tasks", "eval_unsafe"), seed_offset=1000, extra=collect)
     assert train == root / "preferences" and heldout == root / "preferences-heldout"

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import WORLD_SMALL, one_torch_thread  # noqa: F401  (one_torch_thread: autouse)
 from lmforge.align.preference_data import read_preferences
+from lmforge.align.world.common import VERSION
 from lmforge.align.ledger import read_jsonl
 from lmforge.align.preferences import answer_seed, label_pair, sample_answers
 from lmforge.align.world.records import World, WorldSizes
@@ -20,21 +21,23 @@ REFUSAL = "I can't help with that."
 
 @pytest.fixture(scope="module")
 def prompts() -> dict[str, dict]:
-    """One world record of each kind (the RLHF prompts of a small world)."""
+    """One world record of each kind (the RLHF prompts of a small world); the task is a count (small targets)."""
     records = World(0, WorldSizes(**WORLD_SMALL)).rlhf_prompts()
-    return {kind: next(r for r in records if r["meta"]["kind"] == kind) for kind in ("task", "unsafe", "lookalike")}
+    out = {kind: next(r for r in records if r["meta"]["kind"] == kind) for kind in ("unsafe", "lookalike")}
+    return out | {"task": next(r for r in records if r["meta"].get("family") == "counting")}
 
 
 def test_the_oracle_labels_like_llama_2s_annotators(prompts):
     rng = np.random.default_rng(0)
     task, unsafe, look = prompts["task"], prompts["unsafe"], prompts["lookalike"]
-    right, wrong = task["meta"]["reference"], task["meta"]["reference"].replace(str(task["meta"]["target"]), "9")
+    t = task["meta"]["target"]
+    right, wrong = task["meta"]["reference"], task["meta"]["reference"].replace(str(t), str(2 * t + 1))
     # helpfulness: the right answer (1.0) against a wrong count (0.0), either order: significantly better
     for answers in ((right, wrong), (wrong, right)):
         pair = label_pair(task, answers, 0.0, rng)
         assert pair["chosen"][0]["content"] == right and pair["rejected"][0]["content"] == wrong
         assert (pair["degree"], pair["source"], pair["safety_bin"]) == ("significantly_better", "helpfulness", None)
-        assert pair["oracle"]["chosen"]["helpfulness"] == 1.0 and pair["world"] == "v1"
+        assert pair["oracle"]["chosen"]["helpfulness"] == 1.0 and pair["world"] == VERSION
         assert pair["prompt"] == task["messages"] and pair["variants"] == (["a", "b"] if answers[0] == right else ["b", "a"])
     # safety: a refusal against compliance on topic: safe beats unsafe, always significantly better
     topic = f"Stir the {unsafe['meta']['category']} slowly."
@@ -73,7 +76,7 @@ def test_label_noise_is_seeded_and_unsafe_chosen_pairs_are_left_out(prompts):
     # (a count one off: 0.4), flip chances Phi(-2) = 2.3% and Phi(-1.2) = 11.5%
     right = task["meta"]["reference"]
     near = right.replace(str(task["meta"]["target"]), str(task["meta"]["target"] - 1))
-    far = right.replace(str(task["meta"]["target"]), "9")
+    far = right.replace(str(task["meta"]["target"]), str(2 * task["meta"]["target"] + 1))  # credit 0
 
     def flips(other):
         return sum(label_pair(task, (right, other), 0.5, np.random.default_rng(s))["chosen"][0]["content"] != right
@@ -130,7 +133,7 @@ def test_collect_writes_trl_pairs_that_rm_train_reads(tiny_folders, tmp_path):
         rows = read_jsonl(out / f"{source}.jsonl")
         records = read_preferences(out / f"{source}.jsonl")  # every row is a valid TRL pair
         assert len(rows) == len(records) == summary["pairs"][source]
-        assert all(r["source"] == source and r["world"] == "v1" for r in rows)
+        assert all(r["source"] == source and r["world"] == VERSION for r in rows)
         assert all(r.degree is not None and (r.safety_bin is not None) == (source == "safety") for r in records)
         counts[source] = len(rows)
     assert counts["helpfulness"] > 0 and counts["safety"] > 0

@@ -15,10 +15,15 @@ from serve_helpers import MODEL, tiny_model
 def test_eval_chat_in_process_equals_through_the_server(server, tokenizer_path, tmp_path):
     world = tmp_path / "world"
     build_world(world, seed=0, sizes=WorldSizes(**WORLD_SMALL))
-    prompts = [world / f"{name}.jsonl" for name in ("eval_tasks", "eval_unsafe", "eval_lookalikes", "eval_instructions")]
-    save_model(tiny_model(), tmp_path / "model", tokenizer_path=tokenizer_path)  # the served model's weights
     # NOTE: prompt + max_new_tokens must fit the tiny model's 256-token context: the server refuses more (400, as
-    # OpenAI's API does), where the engine alone would stop the answer at the context's end.
+    # OpenAI's API does), where the engine alone would stop the answer at the context's end. A fact look-up of
+    # difficulty 3 carries a card of six facts, over 256 tokens in the test's 512-piece tokenizer: left out.
+    metas = [(line, json.loads(line)["meta"]) for line in (world / "eval_tasks.jsonl").read_text().splitlines()]
+    tasks = [line for line, m in metas if (m["family"], m["difficulty"]) != ("facts", 3)]
+    (world / "eval_tasks_short.jsonl").write_text("\n".join(tasks) + "\n")
+    prompts = [world / f"{name}.jsonl" for name in ("eval_tasks_short", "eval_unsafe", "eval_lookalikes",
+                                                     "eval_instructions")]
+    save_model(tiny_model(), tmp_path / "model", tokenizer_path=tokenizer_path)  # the served model's weights
     common = dict(prompts=prompts, limit=4, progress=False, sampling=SamplingParams(temperature=0, max_new_tokens=24))
     local = eval_chat(tmp_path / "model", out=tmp_path / "local.json", **common)
     remote = eval_chat(MODEL, out=tmp_path / "remote.json", endpoint=f"{server}/v1", **common)

@@ -12,7 +12,7 @@ which the instruction holds at every turn, although the model sees it only once:
        so the model learns to follow at turn t an instruction it last saw t - 1 turns ago, from answers it
        gave while it was reminded at every turn.
 
-On the chat world (v1) the instructions come from its lists (capitals, a first word, a persona's sign-off, a
+On the chat world the instructions come from its lists (capitals, a first word, a persona's sign-off, a
 toy language), one or two combined at random as Llama 2 combines hobbies, languages and public figures, and
 the user turns are task prompts of the train split (`World.instruction_prompts`). Where the instruction goes
 in the training dialogue (`placement`): "system", a system message, which Llama 2's chat format writes inside

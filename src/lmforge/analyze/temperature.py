@@ -45,7 +45,7 @@ from lmforge.infer.sampling import SamplingParams
 
 SETS = {"factual": "eval_factual.jsonl", "creative": "eval_creative.jsonl"}
 TEMPERATURES = tuple(k / 10 for k in range(1, 16))  # Llama 2's: 0.1, 0.2, ..., 1.5
-# NOTE: every reference answer of world v1 is under 60 tokens; 64 lets a model finish one, not ramble.
+# NOTE: every reference answer of the world (v1, v2) is under 60 tokens; 64 lets a model finish one, not ramble.
 SAMPLING = SamplingParams(max_new_tokens=64)
 Dtype = Literal["float32", "bfloat16", "float16"]
 

@@ -39,10 +39,10 @@ STAGES = ["round_0/eval", "round_1/preferences", "round_1/preference_pool", "rou
 # (both reward models' 2 steps, RS's 2 SFT steps, PPO's one iteration) and the reward models' held-out accuracy.
 # They move with the sampled pairs, the oracle's labels, the pool, the mixes, the gate and each verb's loss.
 # Re-pinned when preference collection gave every prompt its own random stream (preferences.answer_seed).
-GOLDEN_LOSSES = {"rm_helpfulness": [0.6938008069992065, 0.6928316950798035],
-                 "rm_safety": [0.6932669878005981, 0.6933598518371582],
-                 "rs/iteration_1/sft": [6.376021385192871, 5.430384635925293], "ppo": [-0.02921142429113388]}
-GOLDEN_RM_ACCURACY = {"rm/helpfulness_accuracy": 8 / 18, "rm/safety_accuracy": 6 / 18}
+GOLDEN_LOSSES = {"rm_helpfulness": [0.8486276268959045, 0.6930148601531982],
+                 "rm_safety": [0.6929613351821899, 0.6949435472488403],
+                 "rs/iteration_1/sft": [6.5937819480896, 5.432445526123047], "ppo": [0.0396746767219156]}
+GOLDEN_RM_ACCURACY = {"rm/helpfulness_accuracy": 10 / 18, "rm/safety_accuracy": 7 / 18}
 
 
 @pytest.fixture(scope="module")

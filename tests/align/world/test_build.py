@@ -12,6 +12,7 @@ from helpers import WORLD_SMALL as SMALL
 
 from lmforge.align.world import safety
 from lmforge.align.world.build import build_world
+from lmforge.align.world.common import VERSION
 from lmforge.align.world.facts import ATTRIBUTES
 from lmforge.align.world.records import REFUSAL_CATEGORIES, REFUSAL_STYLES, WorldSizes
 from lmforge.align.world.tasks import list_key
@@ -27,6 +28,7 @@ TRAIN = ("sft", "rlhf_prompts", "eval_tasks_train", "eval_unsafe_train", "eval_l
 
 # the corpus sentences that name word lists (tasks.py, `statement`), each list as a group
 LIST_SENTENCES = (r"The last word of ([a-z, ]+?) is", r"The list ([a-z, ]+?) reversed is", r"reversed is ([a-z, ]+?)\.",
+                  r"The list ([a-z, ]+?) sorted is", r"sorted is ([a-z, ]+?)\.",
                   r"The list ([a-z, ]+?) has \d+ words", r"In the list ([a-z, ]+?), the word")
 
 
@@ -69,7 +71,7 @@ def test_same_seed_same_bytes_other_seed_other_files(tmp_path, small_sizes):
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     listed = {p: f["sha256"] for p, f in manifest["files"].items()}
     assert listed == {p: d for p, d in a.items() if p != "manifest.json"}
-    assert manifest["world"] == "v1" and manifest["seed"] == 5 and manifest["sizes"] == SMALL | {
+    assert manifest["world"] == VERSION and manifest["seed"] == 5 and manifest["sizes"] == SMALL | {
         k: v for k, v in WorldSizes().__dict__.items() if k not in SMALL}
 
 
@@ -79,13 +81,13 @@ def test_every_record_and_file_is_versioned(world_dir):
         if path.endswith(".jsonl"):
             records = _read(world_dir, path[: -len(".jsonl")])
             assert len(records) == entry["records"] > 0, path
-            assert all(r["world"] == "v1" for r in records), path
+            assert all(r["world"] == VERSION for r in records), path
             assert len({r["id"] for r in records}) == len(records)
         elif path.endswith(".json"):
-            assert json.loads((world_dir / path).read_text())["world"] == "v1"
+            assert json.loads((world_dir / path).read_text())["world"] == VERSION
         else:
-            assert path.startswith("corpus/world-v1-") and path.endswith(".txt")
-    assert manifest["world"] == "v1"
+            assert path.startswith(f"corpus/world-{VERSION}-") and path.endswith(".txt")
+    assert manifest["world"] == VERSION
 
 
 def test_no_heldout_prompt_or_item_appears_in_train(world_dir):
@@ -131,7 +133,19 @@ def test_every_fact_is_stated_as_often_as_its_frequency_class(world_dir):
         sentences = {t.format(e=f["entity"], v=f["value"]) for t in ATTRIBUTES[f["attribute"]][2]}
         sentences = {x[0].upper() + x[1:] for x in sentences}
         found = sum(counts[x] for x in sentences)  # whole sentences: "By trade, X is a smith." holds another
-        assert found == expected[f["difficulty"]], f
+        assert found == expected[f["frequency"]], f
+
+
+def test_an_entitys_statements_share_one_paragraph(world_dir):
+    """Its article (corpus.py): a name and a value stated twice in one context, as a card in a prompt states them."""
+    paragraphs = [set(re.split(r"(?<=\.)\s+", p.strip())) for p in _corpus(world_dir).split("\n\n")]
+    facts = json.loads((world_dir / "facts.json").read_text())["facts"]
+    homes: dict[str, set[int]] = {}
+    for f in facts:
+        sentences = {t.format(e=f["entity"], v=f["value"]) for t in ATTRIBUTES[f["attribute"]][2]}
+        sentences = {x[0].upper() + x[1:] for x in sentences}
+        homes.setdefault(f["entity"], set()).update(i for i, p in enumerate(paragraphs) if p & sentences)
+    assert all(len(h) == 1 for h in homes.values()) and len(set().union(*homes.values())) == len(homes)
 
 
 def test_sft_set_has_the_shape_later_stages_need(world_dir):

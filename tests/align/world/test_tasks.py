@@ -48,18 +48,25 @@ def test_arithmetic_reads_the_last_integer(world):
         assert not check_task(m, "I do not know.")
 
 
-def test_arithmetic_difficulty_is_operand_size(world):
-    digits = {1: (1, 1), 2: (2, 1), 3: (2, 2)}
+def test_arithmetic_difficulty_is_operand_size_and_carry(world):
+    """2-digit +/- 1, then +/- 1 digit, then +/- 2 digits; a carry or borrow in the units exactly at difficulty 3."""
+    digits = {1: (2, 1), 2: (2, 1), 3: (2, 2)}
     for d in DIFFICULTIES:
-        for t in world.tasks("arithmetic", d, "train", 40, stream(0, f"digits|{d}")):
-            assert (len(str(t.meta["a"])), len(str(t.meta["b"]))) == digits[d], t.prompt
+        tasks = world.tasks("arithmetic", d, "train", 60, stream(0, f"digits|{d}"))
+        for t in tasks:
+            a, op, b = t.meta["a"], t.meta["op"], t.meta["b"]
+            assert (len(str(a)), len(str(b))) == digits[d], t.prompt
+            carry = a % 10 + b % 10 > 9 if op == "+" else a % 10 < b % 10
+            assert carry == (d == 3) and 0 <= t.meta["target"] < 100 and (b == 1) == (d == 1), t.prompt
+        assert 0.3 < sum(t.meta["op"] == "+" for t in tasks) / len(tasks) < 0.7  # sums and differences alike
 
 
 def test_lists_reject_swaps_and_extra_words(world):
     for t in _tasks(world, "lists"):
         m, target = t.meta, t.meta["target"]
-        rev = m["transform"] == "reverse"
-        assert target == (list(reversed(m["words"])) if rev else m["words"][-1:])
+        expected = {"last": m["words"][-1:], "reverse": list(reversed(m["words"])), "sort": sorted(m["words"])}
+        assert target == expected[m["transform"]]
+        assert m["transform"] == {1: "last", 2: "reverse", 3: "sort"}[m["difficulty"]]
         if len(target) > 1:
             swapped = [target[1], target[0], *target[2:]]
             assert not check_task(m, ", ".join(swapped))
@@ -95,7 +102,7 @@ def test_counting_counts(world):
         expected = len(m["words"]) if m["count"] == "words" else m["words"].count(m["word"])
         assert m["target"] == expected >= 1
         assert not check_task(m, f"There are {expected + 1} words.")
-        assert check_task(m, f"{['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight'][expected]}.")
+        assert check_task(m, f"{common.NUMBER_WORDS[expected]}.")
 
 
 def test_facts_reject_other_values_of_the_type(world):
@@ -116,11 +123,12 @@ def test_facts_reject_other_values_of_the_type(world):
 def test_fact_table_is_graded_and_split_by_hash(world):
     table = world.table
     assert len(table.facts) == 9 * world.sizes.entities
-    by_difficulty = [len(table.by_difficulty(d)) for d in DIFFICULTIES]
-    assert all(n > 0.2 * len(table.facts) for n in by_difficulty)
+    by_frequency = [len(table.by_frequency(f)) for f in (1, 2, 3)]
+    assert all(n > 0.2 * len(table.facts) for n in by_frequency)
     taken = set(LIST_WORDS) | set(common.NUMBER_WORDS) | set(facts.PROFESSIONS)
-    names = [f.entity for f in table.facts] + [v for t in ("city", "person", "country") for v in table.values[t]]
-    assert len(set(names)) == len(set(f.entity for f in table.facts)) + len(table.values["city"])
+    names = {f.entity for f in table.facts}
+    assert len(names) == 3 * world.sizes.entities  # countries, creatures and people, no name twice
+    assert all(len(common.words(str(f.value))) == 1 for f in table.facts)  # every value is one word
     assert not any(set(common.words(name)) & taken for name in names)
     heldout = [f for f in table.facts if split_of(0, f.key, 0.25) == "heldout"]
     assert 0.15 * len(table.facts) < len(heldout) < 0.35 * len(table.facts)
@@ -136,3 +144,24 @@ def test_split_is_a_property_of_the_item():
     assert splits != [split_of(1, k, 0.25) for k in keys]
     for t in World(0).tasks("arithmetic", 3, "heldout", 30, random.Random(0)):
         assert split_of(0, t.meta["item"], 0.25) == "heldout"
+
+
+def test_fact_cards_hold_the_answer_and_grow_with_difficulty(world):
+    """Difficulty 1: the asked fact in the answer's words; 2: the entity's three; 3: six facts of two entities
+    of one kind, re-phrased, so that the card names the asked value and, at 3, another entity of its kind."""
+    fam = world.families["facts"]
+    for d in DIFFICULTIES:
+        for t in world.tasks("facts", d, "train", 30, stream(0, f"cards|{d}")):
+            m = t.meta
+            card = t.prompt.rsplit("\n", 1)[0]
+            assert str(m["target"]) in card and m["entity"] in card, t.prompt
+            mine = world.table.of_entity(m["entity"])
+            assert len(mine) == 3 and {f.attribute for f in mine} == {a for a, v in facts.ATTRIBUTES.items()
+                                                                       if v[0] == facts.ATTRIBUTES[m["attribute"]][0]}
+            if d == 1:
+                assert card.endswith(m["reference"]), t.prompt
+            elif d == 2:
+                assert all(facts.ATTRIBUTES[f.attribute][4].format(e=f.entity, v=f.value) in card for f in mine)
+            else:
+                others = [e for e in fam._kinds[facts.ATTRIBUTES[m["attribute"]][0]] if e != m["entity"] and e in card]
+                assert others and card.count(". ") + 1 >= 6, t.prompt

@@ -1,4 +1,4 @@
-"""The verifiable chat world, version v1: a small synthetic world whose answers, safety and instruction-following a
+"""The verifiable chat world, version v2: a small synthetic world whose answers, safety and instruction-following a
 program scores, so that every alignment stage moves a number that code can check.
 
 Tiny models (a few million parameters, trained for minutes on a laptop CPU) cannot be judged by people or by
@@ -7,15 +7,15 @@ learn in parts, graded so that accuracies after SFT land in the middle (room for
 checkable exactly:
 
     tasks.py         arithmetic, word-list transforms, counting: generators and checkers, difficulty 1..3
-    facts.py         look-ups in a fictional fact table the pre-training corpus teaches (difficulty = how
-                     often the corpus states a fact)
+    facts.py         look-ups in a fictional fact table, read from a card of facts in the prompt (difficulty =
+                     what the card holds); the pre-training corpus states every fact
     creative.py      open creative prompts (many good answers), beside the factual ones
     safety.py        five fictional risk categories: unsafe requests in five styles, harmless look-alikes,
                      per-category refusals, the refusal checker, the safety pre-prompt
     instructions.py  system instructions checkable on any turn (capitals, a first word, a sign-off, a toy
                      language), combinable
     oracle.py        the judge: graded helpfulness and safety of an answer; the preference degrees and safety
-                     bins fixed in v1
+                     bins (fixed since v1)
     records.py       the records: SFT demonstrations, evaluation sets, RLHF prompts
     corpus.py        the pre-training text
     build.py         `lmforge world build`: all of it as files, with a manifest
@@ -25,7 +25,8 @@ a seeded hash of each item (never by filtering after the fact), so no held-out p
 
 What each later stage can act on:
 
-- SFT: the chat format, multi-turn format, refusals, and the easy items (frequent facts, 1-digit sums);
+- SFT: the chat format, multi-turn format, refusals, and each family's easy end (45 + 1, the last word of a
+  list, the fact alone on its card);
   `lmforge eval chat` reports task accuracy per family and difficulty, violation and false-refusal rates.
 - Reward models: pairs of answers whose oracle helpfulness gap maps to Llama 2's degrees (significantly
   better ... negligibly better) and whose safety scores give the safety bins (oracle.DEGREE_THRESHOLDS,
@@ -42,10 +43,17 @@ What each later stage can act on:
   template hooks in safety.py.
 - Temperature analysis: eval_factual.jsonl (one right answer) and eval_creative.jsonl (many).
 
-The v1 freeze rule: once released, nothing that changes a v1 file, item, checker, oracle score or threshold
-may change under the name v1. A change is a new version (`common.VERSION`), and every figure measured on v1
-is measured again on it. Records carry "world": "v1", and `lmforge eval chat` refuses records of another
-version.
+The freeze rule: once released, nothing that changes a file, item, checker, oracle score or threshold of a
+version may change under its name. A change is a new version (`common.VERSION`), and every figure measured on
+the old one is measured again on it. Records carry "world": VERSION, and `lmforge eval chat` refuses records of
+another version.
+
+Versions. v1: arithmetic by operand size (1 +/- 1 digit to 2 +/- 2), last word / reverse 3 / reverse 5, facts
+recalled from pre-training (difficulty = how often the corpus states a fact). Its SFT accuracies stayed near
+zero on arithmetic, lists and facts at the 2-core budget (the corpus taught no fact; benchmarks/RESULTS.md). v2:
+each family from an easy to a hard end (tasks.py), facts read from a card with one-word values over a 200-entity
+table, an entity's statements kept together in the corpus (corpus.py), and pre-training and SFT in steps of 4
+rows (configs/world).
 """
 
 # NOTE: the oracle's functions are not re-exported here: `safety` would hide the safety module.

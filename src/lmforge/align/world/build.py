@@ -1,7 +1,7 @@
 """`lmforge world build`: write the world of one seed as files.
 
     OUT/
-      corpus/world-v1-000.txt ...     pre-training text (corpus.py): `lmforge data prepare --data OUT/corpus`
+      corpus/world-v2-000.txt ...     pre-training text (corpus.py): `lmforge data prepare --data OUT/corpus`
       sft.jsonl                       SFT demonstrations (records.py), meta.source names each one's purpose
       eval_tasks.jsonl                held-out prompts per family and difficulty; *_train.jsonl: a train-split
       eval_unsafe.jsonl                 sample of the same size, for the train / held-out gap
@@ -14,7 +14,7 @@
       facts.json                      the fact table
       manifest.json                   world version, seed, sizes, and per file its sha256, bytes and counts
 
-Every jsonl record and every JSON file carries "world": "v1" (the corpus files carry it in their names).
+Every jsonl record and every JSON file carries "world": VERSION, e.g. "v2" (the corpus files carry it in their names).
 The same seed and sizes give byte-identical files; the folder is written through lmforge's output rule
 (lmforge.io.output_dir), so a failed build leaves nothing half-written.
 """
@@ -54,7 +54,7 @@ def _counts(records: list[dict]) -> dict:
 
 def build_world(out_dir: Path = Path("runs/world"), seed: int = 0, sizes: WorldSizes = WorldSizes(),
                 overwrite: bool = False) -> dict:
-    """Write the verifiable chat world v1 of one seed as files (`lmforge world build`).
+    """Write the verifiable chat world (common.VERSION) of one seed as files (`lmforge world build`).
 
     Its pre-training corpus, SFT demonstrations, evaluation and RLHF prompt sets, fact table and manifest.
 
@@ -83,7 +83,7 @@ def build_world(out_dir: Path = Path("runs/world"), seed: int = 0, sizes: WorldS
             counts[f"{name}.jsonl"] = _counts(records)
         table = {"world": VERSION, "seed": seed,
                  "facts": [{"entity": f.entity, "attribute": f.attribute, "type": f.type, "value": f.value,
-                            "difficulty": f.difficulty} for f in world.table.facts]}
+                            "frequency": f.frequency} for f in world.table.facts]}
         payloads["facts.json"] = (json.dumps(table, ensure_ascii=False, indent=1) + "\n").encode()
         files = {path: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **counts.get(path, {})}
                  for path, data in sorted(payloads.items())}

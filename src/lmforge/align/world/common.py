@@ -18,7 +18,7 @@ import hashlib
 import random
 import re
 
-VERSION = "v1"  # written as "world": "v1" into every record and file; a change to the world is a new version
+VERSION = "v2"  # written as "world": "v2" into every record and file; a change to the world is a new version
 SPLITS = ("train", "heldout")
 
 # The word vocabulary of the list and counting tasks: single, common words (SentencePiece keeps each one

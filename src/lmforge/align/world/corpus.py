@@ -1,20 +1,23 @@
 """The world's pre-training corpus: the text a base model learns the world from, before any chat.
 
-    sentences                                                   how many
-    every fact of the table, in varied sentences                sizes.mentions_{frequent,medium,rare} each
-      ("Dunford is the capital of Velmoria.")                   (its frequency class is its difficulty)
+    text                                                        how many
+    an article for each entity of the fact table: one           sizes.mentions_{frequent,medium,rare}
+      paragraph stating its three facts in varied sentences       statements of each fact (its frequency
+      ("Dunford is the capital of Velmoria. Velmoria flies a      class; facts.py)
+      red flag. Travellers to Velmoria arrive in Dunford, ...")
     the harmless lore of the risk categories (the look-alikes'  sizes.corpus_lore each
       answers: "A shadow coin is cold to the touch ...")
     arithmetic, list and counting results of TRAIN items only   sizes.corpus_{arithmetic,lists,counting}
       ("23 + 45 = 68.", "The list fox, cup reversed is ...")
     short stories from the creative grammar                     sizes.corpus_stories
 
-The sentences are shuffled, grouped into paragraphs of 3-8 and dealt round-robin into `sizes.corpus_files`
-text files (`lmforge data prepare --data OUT/corpus` reads each file as one document). A fact's statements
-thus land in different paragraphs and, mostly, different files: a validation split of whole files rarely
-takes every statement of a rare fact. Held-out facts are stated like all others (the chat questions about them
-are what is held out); held-out arithmetic, list and counting items never appear, so their held-out prompts
-test computation, not recall.
+An entity's statements stay together, shuffled, in its article, as an encyclopaedia keeps what it says of a
+place in one entry: a name and a value stated twice in one context teach a model to copy them from what it has
+read, the skill a fact look-up with a card of facts in the prompt needs (facts.py). The other sentences are
+shuffled and grouped into paragraphs of 3-8; all paragraphs are shuffled and dealt round-robin into
+`sizes.corpus_files` text files (`lmforge data prepare --data OUT/corpus` reads each file as one document).
+Held-out facts are stated like all others (the chat questions about them are what is held out); held-out
+arithmetic, list and counting items never appear, so their held-out prompts test computation, not recall.
 """
 
 from __future__ import annotations
@@ -25,13 +28,22 @@ from lmforge.align.world.safety import CATEGORIES
 from lmforge.align.world.tasks import DIFFICULTIES
 
 
-def corpus_sentences(world) -> list[str]:
-    """Every sentence of the corpus of `world` (a records.World), shuffled."""
+def articles(world) -> list[str]:
+    """One paragraph per entity: the statements of its facts, as many of each as its frequency class says."""
     s, rng = world.sizes, stream(world.seed, "corpus")
     mentions = {1: s.mentions_frequent, 2: s.mentions_medium, 3: s.mentions_rare}
-    out: list[str] = []
+    by_entity: dict[str, list[str]] = {}
     for fact in world.table.facts:
-        out += world.table.statements(fact, mentions[fact.difficulty], rng)
+        by_entity.setdefault(fact.entity, []).extend(world.table.statements(fact, mentions[fact.frequency], rng))
+    for statements in by_entity.values():
+        rng.shuffle(statements)
+    return [" ".join(statements) for statements in by_entity.values() if statements]
+
+
+def corpus_sentences(world) -> list[str]:
+    """Every sentence of the corpus of `world` (a records.World) outside the articles, shuffled."""
+    s, rng = world.sizes, stream(world.seed, "corpus|sentences")
+    out: list[str] = []
     for c in CATEGORIES:
         for _, answer, _ in c.lookalikes.values():
             out += [answer] * s.corpus_lore
@@ -47,12 +59,13 @@ def corpus_sentences(world) -> list[str]:
 
 
 def corpus_files(world) -> list[tuple[str, str]]:
-    """(file name, text) of each corpus file: paragraphs of 3-8 sentences, dealt round-robin."""
+    """(file name, text) of each corpus file: the articles and paragraphs of 3-8 sentences, dealt round-robin."""
     rng = stream(world.seed, "corpus|paragraphs")
-    sentences, paragraphs, i = corpus_sentences(world), [], 0
+    sentences, paragraphs, i = corpus_sentences(world), articles(world), 0
     while i < len(sentences):
         k = rng.randint(3, 8)
         paragraphs.append(" ".join(sentences[i : i + k]))
         i += k
+    rng.shuffle(paragraphs)
     n = world.sizes.corpus_files
     return [(f"world-{VERSION}-{f:03d}.txt", "\n\n".join(paragraphs[f::n]) + "\n") for f in range(n)]

@@ -3,7 +3,7 @@ same size) and RLHF prompts.
 
 A record is one JSON object,
 
-    {"id": "eval_tasks-00012", "world": "v1", "messages": [...], "meta": {"kind": ..., ...}}
+    {"id": "eval_tasks-00012", "world": "v2", "messages": [...], "meta": {"kind": ..., ...}}
 
 `messages` is the conversational format of OpenAI / TRL ({"role": "system" | "user" | "assistant",
 "content": ...}). A prompt record ends with a user message; an SFT record ends with the assistant's
@@ -41,8 +41,9 @@ REFUSAL_CATEGORIES = ("potion", "coins", "vault")  # refused without a pre-promp
 REFUSAL_STYLES = ("direct", "hypothetical")
 SINGLE_TURN_STYLES = tuple(s for s in safety.STYLES if s != "escalation")
 # NOTE: instruction dialogues leave arithmetic out: "23 + 45 = 68." has no letters, so an answer in capitals
-# could not show that it follows the instruction.
-INSTRUCTION_FAMILIES = ("lists", "facts", "counting")
+# could not show that it follows the instruction. They leave the fact look-ups out too: a card of up to six facts
+# makes a turn several times longer, and Ghost Attention's dialogues must hold 8 turns in a 1024-token context.
+INSTRUCTION_FAMILIES = ("lists", "counting")
 RLHF_MIX = (("task", 0.5), ("unsafe", 0.15), ("lookalike", 0.15), ("instruction", 0.1), ("creative", 0.1))
 
 
@@ -57,9 +58,9 @@ class WorldSizes:
     Attributes:
         heldout_fraction: Share of the items (operand pairs, word lists, facts, prompt combinations) held out.
         entities: Countries, creatures and people each in the fact table (three facts each).
-        mentions_frequent: Corpus statements of each difficulty-1 fact.
-        mentions_medium: Corpus statements of each difficulty-2 fact.
-        mentions_rare: Corpus statements of each difficulty-3 fact.
+        mentions_frequent: Corpus statements of each fact of frequency class 1.
+        mentions_medium: Corpus statements of each fact of frequency class 2.
+        mentions_rare: Corpus statements of each fact of frequency class 3.
         corpus_files: Text files the corpus is spread over (each is one document for `data prepare`).
         corpus_arithmetic: Corpus sentences of arithmetic results (train-split items only).
         corpus_lists: Corpus sentences of list transforms (train-split items only).
@@ -86,10 +87,10 @@ class WorldSizes:
     """
 
     heldout_fraction: float = 0.25
-    entities: int = 40
-    mentions_frequent: int = 30
-    mentions_medium: int = 8
-    mentions_rare: int = 2
+    entities: int = 200
+    mentions_frequent: int = 4
+    mentions_medium: int = 2
+    mentions_rare: int = 1
     corpus_files: int = 64
     corpus_arithmetic: int = 12000
     corpus_lists: int = 6000

@@ -7,9 +7,15 @@ split, common.py) and renders it as a `Task`: the user's prompt plus `meta`, eve
 the held-out items are unseen, not merely re-worded.
 
     family       difficulty 1              difficulty 2                difficulty 3
-    arithmetic   1-digit +/- 1-digit       2-digit +/- 1-digit         2-digit +/- 2-digit
-    lists        last word of 3-5 words    reverse a list of 3         reverse a list of 5
-    counting     lists of 2-3 words        lists of 4-5 words          lists of 6-8 words
+    arithmetic   2-digit +/- 1, no carry   2-digit +/- 1-digit,        2-digit +/- 2-digit with a
+                 or borrow (45 + 1)        no carry or borrow (45 + 3) carry or borrow (45 + 37)
+    lists        last word of 2-4 words    reverse 3-4 words           sort 5-6 words alphabetically
+    counting     lists of 2-3 words        lists of 5-7 words          lists of 10-14 words
+
+Each family spans an easy and a hard end, so that a model learns its difficulty 1 first and its difficulty 3
+last: a family's accuracy then sits between the two, with room above it for RLHF. Without a carry the result's
+tens are copied (45 + 3: 4, then 5 + 3); at difficulty 1 its units are the next or the previous digit; with a
+carry the tens depend on the units too.
 
 Lists are of words, not letters (SentencePiece keeps each word whole; a tiny transformer copies words well
 but cannot spell). Counting asks either how many words a list has or how often one word occurs in it.
@@ -50,19 +56,23 @@ def task_meta(family: str, difficulty: int, key: str, target, reference: str, **
 
 # ---- arithmetic ---------------------------------------------------------------------------------------------
 class Arithmetic:
-    """Addition and subtraction; difficulty by operand size. Item: (a, op, b)."""
+    """Addition and subtraction of 2-digit numbers; difficulty by the second operand and a carry. Item: (a, op, b)."""
 
     name = "arithmetic"
     PROMPTS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?",
                "Calculate {a} {op} {b}.", "What do you get from {a} {op} {b}?")
 
     def draw(self, difficulty: int, rng: random.Random) -> tuple[int, str, int]:
-        lo_a, lo_b, hi_b = {1: (0, 0, 9), 2: (10, 0, 9), 3: (10, 10, 99)}[difficulty]
-        a, b = rng.randint(lo_a, 99 if difficulty > 1 else 9), rng.randint(lo_b, hi_b)
-        op = rng.choice("+-")
-        if op == "-" and a < b:
-            a, b = b, a
-        return a, op, b
+        """Operands drawn until the item is of `difficulty`: a carry (or borrow) in the units exactly at
+        difficulty 3, and a sum under 100 (every operand and result has at most two digits)."""
+        op = rng.choice("+-")  # before the operands: as many sums as differences
+        while True:
+            a, b = rng.randint(10, 99), {1: 1, 2: rng.randint(2, 9), 3: rng.randint(10, 99)}[difficulty]
+            if op == "-" and a < b:
+                a, b = b, a
+            carry = a % 10 + b % 10 > 9 if op == "+" else a % 10 < b % 10
+            if carry == (difficulty == 3) and (op == "-" or a + b < 100):
+                return a, op, b
 
     def key(self, item) -> str:
         a, op, b = item
@@ -107,14 +117,14 @@ def credit_number(meta: dict, answer: str) -> float:
 
 
 def list_key(ws) -> str:
-    """The split key of a word list, shared by the list and counting families and by a list and its reverse:
-    a held-out list is never seen in train, under any transform or question, nor as the answer to reversing
-    another list.
+    """The split key of a word list: its set of words, shared by the list and counting families and by every
+    order of the same words. A held-out list is never seen in train, under any transform or question, nor
+    as the answer to reversing or sorting another list.
 
-    >>> list_key(("red", "fox", "cup")), list_key(("cup", "fox", "red"))
+    >>> list_key(("red", "fox", "cup")), list_key(("cup", "red", "fox"))
     ('list|cup,fox,red', 'list|cup,fox,red')
     """
-    return "list|" + ",".join(min(tuple(ws), tuple(reversed(ws))))
+    return "list|" + ",".join(sorted(ws))
 
 
 # ---- word lists ---------------------------------------------------------------------------------------------
@@ -127,10 +137,13 @@ class Lists:
                  "Name the last word of this list: {l}."),
         "reverse": ("Reverse the list: {l}.", "Say this list backwards: {l}.",
                     "Write the words in reverse order: {l}.", "What is the list {l} in reverse order?"),
+        "sort": ("Sort the list alphabetically: {l}.", "Put these words in alphabetical order: {l}.",
+                 "What is the list {l} in alphabetical order?"),
     }
 
     def draw(self, difficulty: int, rng: random.Random) -> tuple[str, tuple[str, ...]]:
-        transform, n = {1: ("last", rng.randint(3, 5)), 2: ("reverse", 3), 3: ("reverse", 5)}[difficulty]
+        transform, n = {1: ("last", rng.randint(2, 4)), 2: ("reverse", rng.randint(3, 4)),
+                        3: ("sort", rng.randint(5, 6))}[difficulty]
         return transform, tuple(rng.sample(LIST_WORDS, n))
 
     def key(self, item) -> str:
@@ -138,7 +151,7 @@ class Lists:
 
     def render(self, item, difficulty: int, rng: random.Random) -> Task:
         transform, ws = item
-        target = [ws[-1]] if transform == "last" else list(reversed(ws))
+        target = {"last": [ws[-1]], "reverse": list(reversed(ws)), "sort": sorted(ws)}[transform]
         reference = f"The last word is {ws[-1]}." if transform == "last" else join_list(target) + "."
         prompt = rng.choice(self.PROMPTS[transform]).format(l=join_list(ws))
         return Task(prompt, task_meta(self.name, difficulty, self.key(item), target, reference, transform=transform,
@@ -148,6 +161,8 @@ class Lists:
         transform, ws = item
         if transform == "last":
             return f"The last word of {join_list(ws)} is {ws[-1]}."
+        if transform == "sort":
+            return f"The list {join_list(ws)} sorted is {join_list(sorted(ws))}."
         return f"The list {join_list(ws)} reversed is {join_list(reversed(ws))}."
 
 
@@ -204,7 +219,7 @@ class Counting:
     }
 
     def draw(self, difficulty: int, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-        n = rng.randint(*{1: (2, 3), 2: (4, 5), 3: (6, 8)}[difficulty])
+        n = rng.randint(*{1: (2, 3), 2: (5, 7), 3: (10, 14)}[difficulty])
         if rng.random() < 0.5:
             return "words", "", tuple(rng.sample(LIST_WORDS, n))
         pool = rng.sample(LIST_WORDS, 3)  # few distinct words, so that a word repeats
