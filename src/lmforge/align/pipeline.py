@@ -85,20 +85,22 @@ class WorldPipeline:
                    "--out_dir", out, "--seed", self.seed)
         return out
 
-    def pretrain(self) -> Path:
+    def pretrain(self, extra: tuple[str, ...] = ()) -> Path:
+        """Pre-training (configs/world/pretrain.yaml; `extra` flags override it, e.g. the demo's fewer steps)."""
         run = self.root / "pretrain"
         self._verb("pretrain", run / "model" / "model.safetensors", "pretrain", "--config", self._config("pretrain"),
                    "--data.dir", self.root / "data", "--data.tokenizer", self.root / "tokenizer" / "tokenizer.model",
                    "--run.dir", run, "--run.resume", "auto", "--train.seed", self.seed,
-                   "--run.progress", str(self.progress).lower())
+                   "--run.progress", str(self.progress).lower(), *extra)
         return run / "model"
 
-    def sft(self) -> Path:
+    def sft(self, extra: tuple[str, ...] = ()) -> Path:
+        """SFT on the world's demonstrations (configs/world/sft.yaml; `extra` flags override it)."""
         run = self.root / "sft"
         self._verb("sft", run / "model" / "model.safetensors", "sft", self.root / "pretrain" / "model",
                    "--config", self._config("sft"), "--data.sources", f"[{self.root / 'world' / 'sft.jsonl'}]",
                    "--data.cache_dir", self.root / "cache", "--run.dir", run, "--run.resume", "auto",
-                   "--train.seed", self.seed, "--run.progress", str(self.progress).lower())
+                   "--train.seed", self.seed, "--run.progress", str(self.progress).lower(), *extra)
         return run / "model"
 
     # ---- preference pairs, the two reward models, DPO --------------------------------------------------------
