@@ -94,11 +94,11 @@ def test_a_sample_is_the_answer_its_seed_gives_alone(setup):
 def test_measure_by_hand(setup):
     factual = read_records(setup / "world" / "eval_factual.jsonl")[:2]
     right, wrong = factual[0]["meta"]["reference"], "I do not know."
-    assert right == "The drouhorn has 5 legs."  # 6 words with the full stop; world v2 is frozen
+    assert right == "The flag of Pedreor is blue."  # 7 words with the full stop; world v2 is frozen
     row = measure(factual, [[right, right, right], [wrong, wrong, ""]], 0.7)
     assert row["temperature"] == 0.7 and row["accuracy"] == 3 / 6 and row["empty"] == 1 / 6
     assert row["self_bleu"]["mean"] == pytest.approx((100 + self_bleu([wrong, wrong, ""])) / 2)
-    assert row["words"] == (3 * 6 + 2 * 5 + 0) / 6
+    assert row["words"] == (3 * 7 + 2 * 5 + 0) / 6
 
 
 def test_pick_and_compare_worked_examples():
