@@ -28,7 +28,7 @@ PAIR_PROMPTS = 600  # RLHF prompts the reward models' training pairs come from (
 # fine-tuning (configs/world/rs.yaml, which world_gains.py runs: two of 384 x 8 and 20 steps each)
 RS_DEMO = ("--rs.iterations", "1", "--prompts.per_iteration", "256", "--rs.samples", "4", "--sft.train.steps", "6")
 # pre-training and SFT within the demo's budgets (90 s and 60 s on an idle 2-core machine): 150 and 80 steps of
-# configs/world's 720 and 540, which world_gains.py runs (the steps the task families need to land between their
+# configs/world's 720 and 720, which world_gains.py runs (the steps the task families need to land between their
 # easy and their hard end; the demo's SFT model is the weaker for it)
 PRETRAIN_DEMO = ("--train.steps", "150", "--run.eval_every", "150")
 SFT_DEMO = ("--train.steps", "80", "--run.eval_every", "80")
@@ -67,7 +67,7 @@ def main(out: Path = OUT, configs: Path = Path("configs/world")) -> None:
         ("pre-training (configs/world/pretrain.yaml, 150 of its 720 steps)", lambda: p.pretrain(PRETRAIN_DEMO)),
         ("evaluating the pre-trained model on the held-out prompt sets", lambda: p.evaluate(
             out / "pretrain" / "model", "pretrained")),
-        ("SFT on the world's demonstrations (configs/world/sft.yaml, 80 of its 540 steps)", lambda: p.sft(SFT_DEMO)),
+        ("SFT on the world's demonstrations (configs/world/sft.yaml, 80 of its 720 steps)", lambda: p.sft(SFT_DEMO)),
         ("evaluating the SFT model", lambda: p.evaluate(out / "sft" / "model", "sft")),
         (f"preference pairs: two answers to each of {PAIR_PROMPTS} RLHF prompts and {PAIR_PROMPTS // 5} held-out "
          "prompts a set, labelled by the oracle (configs/world/preferences.yaml)", lambda: (

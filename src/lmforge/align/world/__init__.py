@@ -53,7 +53,7 @@ recalled from pre-training (difficulty = how often the corpus states a fact). It
 zero on arithmetic, lists and facts at the 2-core budget (the corpus taught no fact; benchmarks/RESULTS.md). v2:
 each family from an easy to a hard end (tasks.py), facts read from a card with one-word values over a 200-entity
 table, an entity's statements kept together in the corpus (corpus.py), and pre-training and SFT in steps of 4
-rows (configs/world).
+rows, 720 of each (configs/world).
 """
 
 # NOTE: the oracle's functions are not re-exported here: `safety` would hide the safety module.
