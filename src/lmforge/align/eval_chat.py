@@ -37,8 +37,8 @@ from lmforge.align.world.tasks import check_task
 from lmforge.infer.sampling import SamplingParams
 
 Answerer = Callable[[list[list[dict]], SamplingParams], list[str]]
-# NOTE: every reference answer of the world (v1, v2) is under 60 tokens even in a 2048-piece vocabulary (a refusal is the
-# longest); 128 leaves room to see a model ramble without letting an untrained one run on for long.
+# NOTE: every reference answer of the world (v1, v2) is under 60 tokens even in a 2048-piece vocabulary (a refusal
+# is the longest); 128 leaves room to see a model ramble without letting an untrained one run on for long.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.0, max_new_tokens=128)
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -49,8 +49,8 @@ class EvalChatError(ValueError):
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The world records of a jsonl file (its first `limit`), checked: JSON objects of this world version (common.VERSION) with messages
-    ending in a user turn and a meta the scorer knows."""
+    """The world records of a jsonl file (its first `limit`), checked: JSON objects of this world version
+    (common.VERSION) with messages ending in a user turn and a meta the scorer knows."""
     from lmforge.data.sources import DataError, iter_records
 
     path, records = Path(path), []

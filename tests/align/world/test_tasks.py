@@ -149,7 +149,6 @@ def test_split_is_a_property_of_the_item():
 def test_fact_cards_hold_the_answer_and_grow_with_difficulty(world):
     """Difficulty 1: the asked fact in the answer's words; 2: the entity's three; 3: six facts of two entities
     of one kind, re-phrased, so that the card names the asked value and, at 3, another entity of its kind."""
-    fam = world.families["facts"]
     for d in DIFFICULTIES:
         for t in world.tasks("facts", d, "train", 30, stream(0, f"cards|{d}")):
             m = t.meta
@@ -163,5 +162,6 @@ def test_fact_cards_hold_the_answer_and_grow_with_difficulty(world):
             elif d == 2:
                 assert all(facts.ATTRIBUTES[f.attribute][4].format(e=f.entity, v=f.value) in card for f in mine)
             else:
-                others = [e for e in fam._kinds[facts.ATTRIBUTES[m["attribute"]][0]] if e != m["entity"] and e in card]
+                others = [e for e in world.table.entities[facts.ATTRIBUTES[m["attribute"]][0]]
+                          if e != m["entity"] and e in card]
                 assert others and card.count(". ") + 1 >= 6, t.prompt

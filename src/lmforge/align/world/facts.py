@@ -123,7 +123,8 @@ class Fact:
 
 
 class FactTable:
-    """The generated table: `facts` (all of them), `values[type]` (every value of a named type)."""
+    """The generated table: `facts` (all of them), `entities[kind]` (the names of a kind, in table order),
+    `values[type]` (every value of a named type)."""
 
     def __init__(self, seed: int, entities: int):
         if entities < 2:
@@ -140,10 +141,10 @@ class FactTable:
             "pet": [rng.choice(ANIMALS) for _ in people], "job": [rng.choice(PROFESSIONS) for _ in people],
             "tool": [rng.choice(OBJECTS) for _ in people],
         }
-        owners = {"country": countries, "creature": creatures, "person": people}
+        self.entities = {"country": countries, "creature": creatures, "person": people}
         self.facts: list[Fact] = []
         for attribute, (kind, _, _, _, _) in ATTRIBUTES.items():
-            for entity, value in zip(owners[kind], values[attribute]):
+            for entity, value in zip(self.entities[kind], values[attribute]):
                 u = unit_hash(seed, f"frequency|facts|{entity}|{attribute}")
                 self.facts.append(Fact(entity, attribute, value, 1 + min(2, int(3 * u))))
         self._by_entity: dict[str, list[Fact]] = {}
@@ -195,11 +196,6 @@ class Facts:
 
     def __init__(self, table: FactTable):
         self.table = table
-        self._kinds: dict[str, list[str]] = {}  # entity kind -> its entities, in table order
-        for fact in table.facts:
-            kind = ATTRIBUTES[fact.attribute][0]
-            if fact.entity not in self._kinds.setdefault(kind, []):
-                self._kinds[kind].append(fact.entity)
 
     def draw(self, difficulty: int, rng: random.Random) -> Fact:
         return rng.choice(self.table.facts)
@@ -214,7 +210,7 @@ class Facts:
         if difficulty == 2:
             return " ".join(_fill(ATTRIBUTES[f.attribute][4], f) for f in self.table.of_entity(item.entity))
         kind = ATTRIBUTES[item.attribute][0]
-        other = rng.choice([e for e in self._kinds[kind] if e != item.entity])
+        other = rng.choice([e for e in self.table.entities[kind] if e != item.entity])
         shown = self.table.of_entity(item.entity) + self.table.of_entity(other)
         rng.shuffle(shown)
         return " ".join(_fill(rng.choice(ATTRIBUTES[f.attribute][2]), f) for f in shown)
