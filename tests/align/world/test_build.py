@@ -122,6 +122,12 @@ def test_corpus_holds_no_heldout_computation(world_dir):
             assert list_key(m["words"]) not in corpus_lists, m
 
 
+def _statements(fact: dict) -> set[str]:
+    """Every corpus sentence that states `fact` (a facts.json entry), as the corpus writes it."""
+    sentences = {t.format(e=fact["entity"], v=fact["value"]) for t in ATTRIBUTES[fact["attribute"]][2]}
+    return {x[0].upper() + x[1:] for x in sentences}
+
+
 def test_every_fact_is_stated_as_often_as_its_frequency_class(world_dir):
     """Held-out facts included: it is the questions about them that are held out."""
     corpus = _corpus(world_dir)
@@ -130,9 +136,7 @@ def test_every_fact_is_stated_as_often_as_its_frequency_class(world_dir):
     expected = {1: sizes.mentions_frequent, 2: sizes.mentions_medium, 3: sizes.mentions_rare}
     counts = Counter(re.split(r"(?<=\.)\s+", corpus))
     for f in facts:
-        sentences = {t.format(e=f["entity"], v=f["value"]) for t in ATTRIBUTES[f["attribute"]][2]}
-        sentences = {x[0].upper() + x[1:] for x in sentences}
-        found = sum(counts[x] for x in sentences)  # whole sentences: "By trade, X is a smith." holds another
+        found = sum(counts[x] for x in _statements(f))  # whole sentences: "By trade, X is a smith." holds another
         assert found == expected[f["frequency"]], f
 
 
@@ -142,9 +146,7 @@ def test_an_entitys_statements_share_one_paragraph(world_dir):
     facts = json.loads((world_dir / "facts.json").read_text())["facts"]
     homes: dict[str, set[int]] = {}
     for f in facts:
-        sentences = {t.format(e=f["entity"], v=f["value"]) for t in ATTRIBUTES[f["attribute"]][2]}
-        sentences = {x[0].upper() + x[1:] for x in sentences}
-        homes.setdefault(f["entity"], set()).update(i for i, p in enumerate(paragraphs) if p & sentences)
+        homes.setdefault(f["entity"], set()).update(i for i, p in enumerate(paragraphs) if p & _statements(f))
     assert all(len(h) == 1 for h in homes.values()) and len(set().union(*homes.values())) == len(homes)
 
 

@@ -3,8 +3,8 @@
     text                                                        how many
     an article for each entity of the fact table: one           sizes.mentions_{frequent,medium,rare}
       paragraph stating its three facts in varied sentences       statements of each fact (its frequency
-      ("Dunford is the capital of Velmoria. Velmoria flies a      class; facts.py)
-      red flag. Travellers to Velmoria arrive in Dunford, ...")
+      ("The flag of Velmoria is red. Velmoria has 5 provinces.    class; facts.py)
+      Velmoria flies a red flag. ...")
     the harmless lore of the risk categories (the look-alikes'  sizes.corpus_lore each
       answers: "A shadow coin is cold to the touch ...")
     arithmetic, list and counting results of TRAIN items only   sizes.corpus_{arithmetic,lists,counting}
